@@ -1,0 +1,3 @@
+from udfc_onnx.cli import main
+
+raise SystemExit(main())

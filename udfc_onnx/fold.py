@@ -1,0 +1,102 @@
+"""Fold inference BatchNormalization into the preceding Conv (or Gemm) initializers.
+
+    BN(conv(x)) = gamma (W*x + c - mu)/sqrt(var+eps) + beta
+                = (a W) * x + (a (c - mu) + beta),        a = gamma/sqrt(var+eps)
+
+A BN is folded only when its layer's output feeds nothing but the BN, its parameters and the
+layer's weight/bias are initializers used by nobody else; otherwise it is left in place with
+a reason (onnxscript's rule: never fold a weight shared outside the match).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graph import GraphView, attribute, remove_unused, set_initializer
+
+__all__ = ["FoldRecord", "fold_batchnorm"]
+
+
+@dataclass
+class FoldRecord:
+    """What :func:`fold_batchnorm` did: folded (layer, bn) pairs and skipped BNs with reasons."""
+
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _why_not_foldable(view: GraphView, bn: onnx.NodeProto) -> str:
+    if len(bn.input) < 5 or len([o for o in bn.output if o]) != 1 or attribute(bn, "training_mode", 0):
+        return "BatchNormalization is not in inference form"
+    if not all(view.is_constant(n) and view.uses(n) == 1 for n in bn.input[1:5]):
+        return "BN parameters are not constants used only by this BN"
+    layer = view.producer.get(bn.input[0])
+    if layer is None or layer.op_type not in ("Conv", "Gemm"):
+        return "BN does not follow a Conv or Gemm (pre-activation BN)"
+    if view.sole_consumer(bn.input[0]) is None:
+        return f"output of {layer.name} is also read by other nodes"
+    weight = layer.input[1]
+    if not view.is_constant(weight) or view.uses(weight) != 1:
+        return f"weight of {layer.name} is not a constant used only there"
+    if len(layer.input) > 2 and layer.input[2] and (not view.is_constant(layer.input[2]) or view.uses(layer.input[2]) != 1):
+        return f"bias of {layer.name} is not a constant used only there"
+    if layer.op_type == "Gemm":
+        if attribute(layer, "transA", 0) or attribute(layer, "alpha", 1.0) != 1.0 or attribute(layer, "beta", 1.0) != 1.0:
+            return f"Gemm {layer.name} has transA/alpha/beta"
+    return ""
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldRecord]:
+    """Return a copy of ``model`` with every foldable BN folded into its Conv/Gemm.
+
+    The layer takes over the BN's output name, so downstream names are unchanged.
+    """
+    model = _copy(model)
+    view = GraphView(model)
+    record = FoldRecord()
+    drop: list[onnx.NodeProto] = []
+    for bn in list(model.graph.node):
+        if bn.op_type != "BatchNormalization":
+            continue
+        reason = _why_not_foldable(view, bn)
+        if reason:
+            record.skipped.append((bn.name, reason))
+            continue
+        layer = view.producer[bn.input[0]]
+        gamma, beta, mean, var = (view.array(n).astype(np.float64) for n in bn.input[1:5])
+        a = gamma / np.sqrt(var + float(attribute(bn, "epsilon", 1e-5)))
+        weight = view.array(layer.input[1])
+        dtype = weight.dtype
+        if layer.op_type == "Conv":
+            out_channels = weight.shape[0]
+            folded = weight.astype(np.float64) * a.reshape((-1,) + (1,) * (weight.ndim - 1))
+        else:
+            trans_b = attribute(layer, "transB", 0)
+            out_channels = weight.shape[0] if trans_b else weight.shape[1]
+            folded = weight.astype(np.float64) * (a[:, None] if trans_b else a[None, :])
+        has_bias = len(layer.input) > 2 and layer.input[2]
+        bias = view.array(layer.input[2]).astype(np.float64) if has_bias else np.zeros(out_channels)
+        new_bias = a * (bias - mean) + beta
+        set_initializer(model, layer.input[1], folded.astype(dtype))
+        bias_name = layer.input[2] if has_bias else f"{layer.name}.folded_bias"
+        set_initializer(model, bias_name, new_bias.astype(dtype))
+        if not has_bias:
+            while len(layer.input) < 3:
+                layer.input.append("")
+            layer.input[2] = bias_name
+        layer.output[0] = bn.output[0]
+        drop.append(bn)
+        record.folded.append((layer.name, bn.name))
+    for bn in drop:
+        model.graph.node.remove(bn)
+    remove_unused(model)
+    return model, record
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out

@@ -1,0 +1,323 @@
+"""Closed-form compensation for pruned and quantized channels (pure NumPy, no ONNX).
+
+Notation follows the method spec (shared/udfc-method.md). Everything here works in the
+BN-folded domain: the filter of channel c is ``w_c = a_c * W_c`` flattened to length d and
+its bias is ``b_c = beta_c - a_c * mu_c`` (a_c = gamma_c / sqrt(var_c + eps)).
+
+Why the folded domain: regressing folded filters with a b-unit bias term gives exactly the
+coefficients c_ij = s_ij * a_j / a_i of the spec's raw-filter, e-unit loss (the loss is the
+same up to the factor a_j**2 per pruned channel), so one solver serves both readings.
+
+Pruning (spec 2.5, 4):
+    minimise_c  ||w_j - V c||^2 + alpha1 * (b_j - b_K^T c)^2          for every pruned j
+    c* = (V^T V + alpha1 b_K b_K^T + ridge I)^-1 (V^T w_j + alpha1 b_j b_K)
+and the consumer absorbs it: W2[:, i] += sum_j c_ij W2[:, j] for kept i.
+
+Quantization (spec 3.3):
+    minimise_s  ||w - s q||^2 + alpha2 * (1 - s)^2 b^2
+    s* = (q.w + alpha2 b^2) / (q.q + alpha2 b^2)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import SolverError
+
+__all__ = [
+    "keep_count",
+    "channel_scores",
+    "select_keep",
+    "solve_prune_coefficients",
+    "solve_quant_scales",
+    "neuron_merging_coefficients",
+    "apply_compensation",
+    "relu_mean",
+    "mean_residual_bias",
+]
+
+
+def keep_count(channels: int, ratio: float) -> int:
+    """Channels kept when pruning ``ratio`` of ``channels``: ``int(C * (1 - r))``, at least 1.
+
+    This is the rounding of the paper and of Neuron Merging's ``cfg``.
+    """
+    return max(1, int(channels * (1 - ratio)))
+
+
+def channel_scores(filters: np.ndarray, criterion: str = "l1") -> np.ndarray:
+    """Importance of each output channel.
+
+    Parameters
+    ----------
+    filters : ndarray of shape (C, ...)
+        One filter per output channel (raw, not BN-folded, as Neuron Merging ranks them).
+    criterion : {"l1", "l2"}
+
+    Returns
+    -------
+    ndarray of shape (C,)
+    """
+    flat = filters.reshape(filters.shape[0], -1).astype(np.float64)
+    if criterion == "l1":
+        return np.abs(flat).sum(axis=1)
+    if criterion == "l2":
+        return np.sqrt((flat**2).sum(axis=1))
+    raise ValueError(f"criterion must be 'l1' or 'l2', got {criterion!r}")
+
+
+def select_keep(scores: np.ndarray, n_keep: int) -> np.ndarray:
+    """Sorted indices of the ``n_keep`` highest scores (ties broken by lower index).
+
+    Returns
+    -------
+    ndarray of shape (n_keep,), int64
+    """
+    if not 1 <= n_keep <= len(scores):
+        raise ValueError(f"n_keep must be in [1, {len(scores)}], got {n_keep}")
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:n_keep]).astype(np.int64)
+
+
+def _solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    try:
+        out = np.linalg.solve(gram, rhs)
+    except np.linalg.LinAlgError:
+        out = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+    if not np.all(np.isfinite(out)):
+        raise SolverError("compensation system has no finite solution")
+    return out
+
+
+def solve_prune_coefficients(
+    kept: np.ndarray,
+    pruned: np.ndarray,
+    kept_bias: np.ndarray,
+    pruned_bias: np.ndarray,
+    *,
+    alpha: float = 0.01,
+    ridge: float = 0.0,
+    gram_weight: np.ndarray | None = None,
+) -> np.ndarray:
+    """Express each pruned filter as a combination of the kept ones (UDFC, spec 2.5).
+
+    Parameters
+    ----------
+    kept : ndarray of shape (d, t)
+        Flattened folded filters of the t kept channels (possibly already quantized).
+    pruned : ndarray of shape (d, p)
+        Flattened folded filters of the p pruned channels.
+    kept_bias, pruned_bias : ndarray of shape (t,), (p,)
+        Folded biases ``b`` of the same channels.
+    alpha : float, default=0.01
+        alpha1: weight of the bias mismatch against the filter mismatch.
+    ridge : float, default=0.0
+        Extra Tikhonov term ``ridge * tr(V^T V)/t * I`` [EXT]; 0 is the paper.
+    gram_weight : ndarray of shape (d, d), optional
+        Second-moment matrix M of the layer input patch [EXT]: the filter term becomes
+        ``(w_j - V c)^T M (w_j - V c)``, the expected squared pre-activation error. None is
+        the paper's plain Euclidean norm.
+
+    Returns
+    -------
+    coef : ndarray of shape (t, p)
+        ``pruned[:, j] ~= kept @ coef[:, j]``.
+    """
+    kept = np.asarray(kept, np.float64)
+    pruned = np.asarray(pruned, np.float64)
+    kept_bias = np.asarray(kept_bias, np.float64)
+    pruned_bias = np.asarray(pruned_bias, np.float64)
+    if kept.ndim != 2 or pruned.ndim != 2 or kept.shape[0] != pruned.shape[0]:
+        raise ValueError(f"kept (d,t) and pruned (d,p) must share d; got {kept.shape}, {pruned.shape}")
+    if kept_bias.shape != (kept.shape[1],) or pruned_bias.shape != (pruned.shape[1],):
+        raise ValueError("bias vectors must match the filters' channel counts")
+    if alpha < 0 or ridge < 0:
+        raise ValueError("alpha and ridge must be >= 0")
+    weighted = kept if gram_weight is None else gram_weight @ kept
+    gram = kept.T @ weighted + alpha * np.outer(kept_bias, kept_bias)
+    rhs = weighted.T @ pruned + alpha * np.outer(kept_bias, pruned_bias)
+    if ridge > 0:
+        t = kept.shape[1]
+        gram = gram + ridge * (np.trace(gram) / t) * np.eye(t)
+    return _solve_spd(gram, rhs)
+
+
+def solve_quant_scales(
+    weights: np.ndarray, quantized: np.ndarray, bias: np.ndarray | None = None, *, alpha: float = 0.008
+) -> np.ndarray:
+    """Per-channel scale s minimising ``||w - s q||^2 + alpha (1 - s)^2 b^2`` (spec 3.3).
+
+    Parameters
+    ----------
+    weights, quantized : ndarray of shape (C, ...)
+        Float filters and their dequantized (rounded) version.
+    bias : ndarray of shape (C,), optional
+        Folded bias of each channel; None (or alpha=0) gives the least-squares scale.
+    alpha : float, default=0.008
+        alpha2 of the paper.
+
+    Returns
+    -------
+    ndarray of shape (C,); 1 where the quantized filter is all zero.
+    """
+    w = weights.reshape(weights.shape[0], -1).astype(np.float64)
+    q = quantized.reshape(quantized.shape[0], -1).astype(np.float64)
+    b2 = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64) ** 2
+    num = (q * w).sum(axis=1) + alpha * b2
+    den = (q * q).sum(axis=1) + alpha * b2
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+
+
+def neuron_merging_coefficients(
+    raw_filters: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    keep: np.ndarray,
+    *,
+    lam: float = 0.85,
+    threshold: float = 0.1,
+    ratio: str = "published",
+) -> np.ndarray:
+    """Neuron Merging (Kim et al. 2020) one-to-one merge coefficients, as its code does.
+
+    Parameters
+    ----------
+    raw_filters : ndarray of shape (C, ...)
+        Raw (not BN-folded) conv filters.
+    gamma, beta, mean, var : ndarray of shape (C,)
+        BN parameters; ``var`` is running_var (NM's code uses it where sqrt would be right).
+    keep : ndarray of shape (t,)
+        Sorted kept channel indices.
+    lam : float, default=0.85
+        Weight of the cosine distance against the normalised bias distance.
+    threshold : float, default=0.1
+        Minimum cosine similarity to merge at all.
+    ratio : {"published", "derived"}
+        "published" is NM's ``(gamma_i/gamma_j)(var_j/var_i)``; "derived" the exact
+        ``a_j/a_i`` of the spec (2.3), for comparison.
+
+    Returns
+    -------
+    coef : ndarray of shape (t, p)
+        One nonzero per column at most; apply with :func:`apply_compensation`.
+    """
+    C = raw_filters.shape[0]
+    flat = raw_filters.reshape(C, -1).astype(np.float64)
+    drop = np.setdiff1d(np.arange(C), keep)
+    kept_f = flat[keep]
+    norms = np.linalg.norm(flat, axis=1)
+    coef = np.zeros((len(keep), len(drop)))
+    gamma = np.asarray(gamma, np.float64)
+    beta = np.asarray(beta, np.float64)
+    mean = np.asarray(mean, np.float64)
+    var = np.asarray(var, np.float64)
+    for col, j in enumerate(drop):
+        wj = flat[j]
+        denom = np.maximum(norms[keep] * norms[j], 1e-12)
+        cos = kept_f @ wj / denom
+        dist = 1.0 - cos
+        s = norms[j] / np.maximum(norms[keep], 1e-12)
+        gi, gj = gamma[keep], gamma[j]
+        if ratio == "published":
+            scale = s * (gi / gj) * (var[j] / var[keep])
+            bias = np.abs((gi / var[keep]) * (s * (mean[j] - var[j] * beta[j] / gj) - mean[keep]) + beta[keep])
+        elif ratio == "derived":
+            sj, si = np.sqrt(var[j]), np.sqrt(var[keep])
+            scale = s * (gj / sj) / (gi / si)
+            bias = np.abs((gi / si) * (s * (mean[j] - sj * beta[j] / gj) - mean[keep]) + beta[keep])
+        else:
+            raise ValueError(f"ratio must be 'published' or 'derived', got {ratio!r}")
+        bias = bias / np.where(scale != 0, np.abs(scale), 1.0)
+        span = bias.max() - bias.min()
+        bias_norm = (bias - bias.min()) / span if span > 0 else np.zeros_like(bias)
+        score = lam * dist + (1 - lam) * bias_norm
+        best = int(np.argmin(score))
+        if cos[best] >= threshold and np.isfinite(scale[best]):
+            coef[best, col] = scale[best]
+    return coef
+
+
+def apply_compensation(
+    consumer: np.ndarray, keep: np.ndarray, coef: np.ndarray | None, kept_scale: np.ndarray | None = None
+) -> np.ndarray:
+    """Fold pruned input channels into kept ones and drop them.
+
+    Parameters
+    ----------
+    consumer : ndarray of shape (O, C, B)
+        Consumer weights viewed per input channel: B = kh*kw for a conv, the column block
+        (H*W of the flattened map) for a Gemm.
+    keep : ndarray of shape (t,)
+        Sorted kept channel indices.
+    coef : ndarray of shape (t, p), optional
+        Compensation coefficients; None is plain pruning.
+    kept_scale : ndarray of shape (t,), optional
+        Quantization scale s^q of each kept channel placed in the consumer (spec 4).
+
+    Returns
+    -------
+    ndarray of shape (O, t, B)
+    """
+    C = consumer.shape[1]
+    drop = np.setdiff1d(np.arange(C), keep)
+    out = consumer[:, keep, :].astype(np.float64)
+    if kept_scale is not None:
+        out = out * np.asarray(kept_scale, np.float64)[None, :, None]
+    if coef is not None and len(drop):
+        out = out + np.einsum("ij,ojb->oib", coef, consumer[:, drop, :].astype(np.float64))
+    return out
+
+
+def relu_mean(beta: np.ndarray, gamma: np.ndarray, relu: bool = True) -> np.ndarray:
+    """E[f(P)] for P ~ N(beta, gamma^2) per channel: the data-free activation mean (DFQ).
+
+    ``E[ReLU(P)] = |gamma| phi(beta/|gamma|) + beta Phi(beta/|gamma|)``; without ReLU, beta.
+    """
+    beta = np.asarray(beta, np.float64)
+    if not relu:
+        return beta
+    sd = np.abs(np.asarray(gamma, np.float64))
+    safe = np.where(sd > 1e-12, sd, 1.0)
+    z = beta / safe
+    phi = np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+    Phi = 0.5 * (1 + _erf(z / math.sqrt(2)))
+    moment = sd * phi + beta * Phi
+    return np.where(sd > 1e-12, moment, np.maximum(beta, 0.0))
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # math.erf vectorised; scipy is not a runtime dependency.
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def mean_residual_bias(
+    consumer: np.ndarray, keep: np.ndarray, coef: np.ndarray | None, act_mean: np.ndarray
+) -> np.ndarray:
+    """Consumer bias change that restores the expected contribution of pruned channels [EXT].
+
+    ``delta_o = sum_{j in P} (sum_b W2[o, j, b]) (E[A_j] - sum_i c_ij E[A_i])`` (spec 2.7).
+
+    Parameters
+    ----------
+    consumer : ndarray of shape (O, C, B)
+        Consumer weights before compensation.
+    keep : ndarray of shape (t,)
+    coef : ndarray of shape (t, p), optional
+    act_mean : ndarray of shape (C,)
+        E[A_c] of every input channel of the consumer.
+
+    Returns
+    -------
+    ndarray of shape (O,)
+    """
+    C = consumer.shape[1]
+    drop = np.setdiff1d(np.arange(C), keep)
+    if not len(drop):
+        return np.zeros(consumer.shape[0])
+    residual = act_mean[drop].astype(np.float64)
+    if coef is not None:
+        residual = residual - coef.T @ act_mean[keep]
+    return consumer[:, drop, :].sum(axis=2).astype(np.float64) @ residual
