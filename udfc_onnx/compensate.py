@@ -13,6 +13,7 @@ the arrays to write plus the quantized form of each weight. Order (spec 4, per n
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ from .solve import (apply_compensation, mean_residual_bias, neuron_merging_coeff
 from .stats import BNStats
 from .units import ConsumerSlice
 
-__all__ = ["Layer", "UnitRecord", "Solution", "solve_plan"]
+__all__ = ["Layer", "UnitRecord", "Solution", "solve_plan", "layer_bits_for"]
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,16 @@ def _from_consumer_view(layer: Layer, view: np.ndarray, like: np.ndarray) -> np.
     return layer.stored(out)
 
 
-def _quantize(w_out_major: np.ndarray, config: CompressConfig) -> QuantizedTensor:
-    qt = quantize_per_channel(w_out_major, config.weight_bits, symmetric=config.symmetric)
+def layer_bits_for(name: str, config: CompressConfig, overrides: Mapping | None) -> int | None:
+    """Weight bits of one layer: its ``--config`` override (skip means float), else the run's."""
+    override = (overrides or {}).get(name)
+    if override is None:
+        return config.weight_bits
+    return None if override.skip else override.bits if override.bits is not None else config.weight_bits
+
+
+def _quantize(w_out_major: np.ndarray, config: CompressConfig, bits: int) -> QuantizedTensor:
+    qt = quantize_per_channel(w_out_major, bits, symmetric=config.symmetric)
     if config.quant_compensation == "own" and config.method == "udfc":
         # s^q inside the layer's own dequant step: exact in the pre-activation (spec 3.5).
         qt = qt.rescaled(solve_quant_scales(w_out_major, qt.dequantize(), None, alpha=0.0))
@@ -108,7 +117,8 @@ def _quantize(w_out_major: np.ndarray, config: CompressConfig) -> QuantizedTenso
 
 
 def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dict[str, BNStats],
-                raw_filters: dict[str, np.ndarray], config: CompressConfig, solution: Solution) -> None:
+                raw_filters: dict[str, np.ndarray], config: CompressConfig, solution: Solution,
+                overrides: Mapping | None = None) -> None:
     unit = up.unit
     prod = layers[unit.producer]
     keep = np.asarray(up.keep, np.int64)
@@ -120,8 +130,9 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
 
     kept_filters = W[keep]
     next_scale = None
-    if config.weight_bits is not None:
-        qt = _quantize(kept_filters, config)
+    bits = layer_bits_for(prod.name, config, overrides)
+    if bits is not None:
+        qt = _quantize(kept_filters, config, bits)
         if udfc and config.quant_compensation == "next":
             next_scale = solve_quant_scales(kept_filters, qt.dequantize(), b[keep], alpha=config.alpha2)
         solution.quantized[prod.weight] = qt
@@ -168,7 +179,8 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
 
 
 def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Layer], stats: dict[str, BNStats],
-               raw_filters: dict[str, np.ndarray], config: CompressConfig) -> Solution:
+               raw_filters: dict[str, np.ndarray], config: CompressConfig, *,
+               overrides: Mapping | None = None) -> Solution:
     """Apply the plan's compensation and quantization to the arrays.
 
     Parameters
@@ -183,6 +195,9 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
     raw_filters : dict of str to ndarray
         Unfolded weights by producer name (for NM's criterion and coefficients).
     config : CompressConfig
+    overrides : mapping of str to LayerOverride, optional
+        Per-layer ``--config`` settings by node name: ``bits`` replaces the run's weight bits,
+        ``skip`` keeps the layer's weights float.
 
     Returns
     -------
@@ -192,10 +207,10 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
     work = {k: v.copy() for k, v in arrays.items()}
     solution = Solution()
     for up in plan.units:
-        _solve_unit(up, work, layers, stats, raw_filters, config, solution)
-    if config.weight_bits is not None:
-        for layer in layers.values():
-            if layer.weight not in solution.quantized:
-                solution.quantized[layer.weight] = _quantize(layer.out_major(work[layer.weight]).astype(np.float64), config)
+        _solve_unit(up, work, layers, stats, raw_filters, config, solution, overrides)
+    for layer in layers.values():
+        bits = layer_bits_for(layer.name, config, overrides)
+        if bits is not None and layer.weight not in solution.quantized:
+            solution.quantized[layer.weight] = _quantize(layer.out_major(work[layer.weight]).astype(np.float64), config, bits)
     solution.arrays = {k: v for k, v in work.items() if v.shape != arrays[k].shape or not np.array_equal(v, arrays[k])}
     return solution

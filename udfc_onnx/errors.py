@@ -5,6 +5,9 @@ for callers that do not know this package (the scikit-learn convention).
 """
 from __future__ import annotations
 
+__all__ = ["UdfcError", "InvalidModelError", "UnsupportedModelError", "InvalidConfigError", "SolverError",
+           "ValidationError", "first_line"]
+
 
 class UdfcError(Exception):
     """Base class for every error raised by udfc_onnx."""
@@ -19,7 +22,7 @@ class UnsupportedModelError(UdfcError, ValueError):
 
 
 class InvalidConfigError(UdfcError, ValueError):
-    """An option is outside its documented range."""
+    """An option is outside its documented range (also: unusable output path, bad --config file)."""
 
 
 class SolverError(UdfcError, ArithmeticError):
@@ -28,3 +31,15 @@ class SolverError(UdfcError, ArithmeticError):
 
 class ValidationError(UdfcError):
     """The compressed model failed a check (checker, ORT session or numerics)."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's text (or its type name), at most ``limit`` characters.
+
+    Errors from protobuf, onnx and onnxruntime often span many lines; the CLI prints one.
+    """
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= limit else line[:limit - 3] + "..."
+    return type(exc).__name__

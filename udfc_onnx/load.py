@@ -1,19 +1,50 @@
-"""Load an input model and reject what the tool cannot handle, with one clear reason."""
+"""Load an input model and reject what the tool cannot handle, with one clear reason.
+
+Models over 2 GB keep their weights in external data files (the protobuf limit). Such a model is
+read with its external data, checked by path (``onnx.checker.check_model(path)``), and the caller
+learns that it had external data so the output is saved the same way.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import external_data_helper
 
-from .errors import InvalidModelError, UnsupportedModelError
+from .errors import InvalidModelError, UnsupportedModelError, first_line
 
-__all__ = ["load_model", "check_supported", "MIN_OPSET", "QUANTIZED_OPS"]
+__all__ = ["LoadedModel", "read_model", "load_model", "check_supported", "default_opset", "MIN_OPSET",
+           "QUANTIZED_OPS", "PROTOBUF_LIMIT"]
 
 MIN_OPSET = 11
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                  "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm"}
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+#: Largest protobuf message (bytes); a model above it must keep its weights in external data.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class LoadedModel:
+    """A checked input model and how it is stored.
+
+    Attributes
+    ----------
+    model : onnx.ModelProto
+        With every weight in memory (external data read in).
+    path : Path
+    external_data : bool
+        Some tensor was stored in an external data file.
+    file_bytes : int
+        Size of the .onnx file plus its external data files.
+    """
+
+    model: onnx.ModelProto
+    path: Path
+    external_data: bool
+    file_bytes: int
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -24,13 +55,26 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read ``path`` (with its external data) and run the ONNX checker.
+def _external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
+    """External data files the model's tensors point to (unique, in order of first use)."""
+    files: list[Path] = []
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            f = base / info.location
+            if f not in files:
+                files.append(f)
+    return files
+
+
+def read_model(path: str | os.PathLike) -> LoadedModel:
+    """Read ``path`` with its external data, run the ONNX checker and :func:`check_supported`.
 
     Raises
     ------
     InvalidModelError
-        Missing, a directory, empty, not a protobuf, truncated, or failing onnx.checker.
+        Missing, a directory, empty, not a protobuf, truncated, external data missing, or failing
+        onnx.checker.
     UnsupportedModelError
         See :func:`check_supported`.
     """
@@ -39,24 +83,50 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{p}: no such file")
     if p.is_dir():
         raise InvalidModelError(f"{p}: is a directory, not an ONNX file")
-    if p.stat().st_size == 0:
-        raise InvalidModelError(f"{p}: empty file")
     try:
-        model = onnx.load(str(p), load_external_data=True)
-    except Exception as exc:  # protobuf DecodeError, missing external data, ...
-        raise InvalidModelError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'decode failed'})") from None
+        size = p.stat().st_size
+        if size == 0:
+            raise InvalidModelError(f"{p}: empty file")
+        with open(p, "rb") as f:  # read first: a permission problem is not a decode problem
+            data = f.read()
+    except OSError as exc:
+        raise InvalidModelError(f"{p}: cannot read ({exc.strerror or first_line(exc)})") from None
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf DecodeError and friends
+        detail = first_line(exc).replace("Error parsing message with type 'onnx.ModelProto': ", "")
+        raise InvalidModelError(f"{p}: not a readable ONNX model (protobuf decode failed: {detail})") from None
+    del data
     if not model.HasField("graph") or not model.graph.node or not model.opset_import:
         raise InvalidModelError(f"{p}: not an ONNX model (no graph, nodes or opset; truncated or not a model file)")
     try:
-        if model.ByteSize() > 2**31 - 1 or any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        files = _external_files(model, p.parent)
+    except Exception as exc:
+        raise InvalidModelError(f"{p}: bad external data reference ({first_line(exc)})") from None
+    external = bool(files)
+    for f in files:
+        if not f.is_file():
+            raise InvalidModelError(f"{p}: external data file {f.name} is missing")
+    # The checker reads the file itself when the weights live outside it (and above 2 GB it must).
+    try:
+        if external:
             onnx.checker.check_model(str(p))
         else:
             onnx.checker.check_model(model)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"{p}: fails onnx.checker: {first}") from None
+        raise InvalidModelError(f"{p}: fails onnx.checker: {first_line(exc)}") from None
+    if external:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:
+            raise InvalidModelError(f"{p}: cannot read its external data ({first_line(exc)})") from None
     check_supported(model, str(p))
-    return model
+    return LoadedModel(model, p, external, size + sum(f.stat().st_size for f in files))
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check ``path`` (see :func:`read_model`); return the model only."""
+    return read_model(path).model
 
 
 def check_supported(model: onnx.ModelProto, where: str = "model") -> None:

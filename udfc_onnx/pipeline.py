@@ -7,9 +7,15 @@ Each pass takes a model and returns a model plus a record; only this module sequ
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,21 +24,22 @@ import onnx
 from onnx import numpy_helper
 
 from . import __version__
-from .compensate import Layer, Solution, solve_plan
+from .compensate import Layer, Solution, layer_bits_for, solve_plan
 from .config import CompressConfig
-from .errors import InvalidConfigError, ValidationError
+from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names
-from .load import default_opset, load_model
+from .load import PROTOBUF_LIMIT, default_opset, read_model
+from .overrides import OverrideRules
 from .plan import Plan, make_plan
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
-from .report import ModelInfo, Report
+from .report import DryRun, ModelInfo, Report
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
 from .units import find_units
-from .validate import validate_file
+from .validate import count_fused_convs, resolve_input_shapes, validate_file
 
-__all__ = ["CompressResult", "analyze", "compress_model", "compress_file"]
+__all__ = ["CompressResult", "FileOptions", "analyze", "compress_model", "compress_file", "plan_file", "set_metadata"]
 
 
 @dataclass
@@ -44,6 +51,8 @@ class CompressResult:
     fold: FoldRecord
     solution: Solution
     notes: list[str] = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)   # node name -> LayerOverride (from --config)
+    layer_bits: dict = field(default_factory=dict)  # Conv/Gemm name -> weight bits (None: float)
 
 
 def collect_layers(model: onnx.ModelProto) -> dict[str, Layer]:
@@ -67,21 +76,25 @@ def collect_layers(model: onnx.ModelProto) -> dict[str, Layer]:
     return layers
 
 
-def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str]) -> onnx.ModelProto:
+def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str], quantize: bool | None = None) -> onnx.ModelProto:
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
     renamed = ensure_node_names(model_copy)
     if renamed:
         notes.append(f"named {renamed} unnamed or duplicate nodes")
     opset = default_opset(model_copy)
-    if config.weight_bits is not None and opset < MIN_QDQ_OPSET:
+    quantize = config.weight_bits is not None if quantize is None else quantize
+    if quantize and opset < MIN_QDQ_OPSET:
         model_copy = onnx.version_converter.convert_version(model_copy, MIN_QDQ_OPSET)
         notes.append(f"converted opset {opset} -> {MIN_QDQ_OPSET} for per-channel DequantizeLinear")
     return model_copy
 
 
-def analyze(model: onnx.ModelProto, config: CompressConfig):
-    """Read stats, fold BN and plan, without solving: (folded model, stats, raw filters, plan, fold record)."""
+def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict | None = None):
+    """Read stats, fold BN and plan, without solving: (folded model, stats, raw filters, plan, fold record).
+
+    ``overrides`` maps node names to resolved per-layer ``--config`` settings.
+    """
     stats = read_bn_stats(model)
     view = GraphView(model)
     raw_filters = {n.name: view.array(n.input[1]) for n in model.graph.node
@@ -89,15 +102,20 @@ def analyze(model: onnx.ModelProto, config: CompressConfig):
     folded, fold_record = fold_batchnorm(model)
     units, skipped = find_units(folded)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
-                     weight_bits=config.weight_bits)
+                     weight_bits=config.weight_bits, overrides=overrides)
     return folded, stats, raw_filters, plan, fold_record
 
 
-def compress_model(model: onnx.ModelProto, config: CompressConfig) -> CompressResult:
-    """Compress a loaded model in memory (the input is not modified)."""
+def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides: OverrideRules | None = None) -> CompressResult:
+    """Compress a loaded model in memory (the input is not modified).
+
+    ``overrides`` are the per-layer rules of a ``--config`` file; a rule naming no node raises
+    InvalidConfigError.
+    """
     notes: list[str] = []
-    model = _prepare(model, config, notes)
-    folded, stats, raw_filters, plan, fold_record = analyze(model, config)
+    model = _prepare(model, config, notes, quantize=config.weight_bits is not None or bool(overrides and overrides.sets_bits))
+    resolved = overrides.resolve((n.name, n.op_type) for n in model.graph.node) if overrides else {}
+    folded, stats, raw_filters, plan, fold_record = analyze(model, config, overrides=resolved)
     layers = collect_layers(folded)
     view = GraphView(folded)
     arrays: dict[str, np.ndarray] = {}
@@ -109,70 +127,278 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig) -> CompressRe
             out_ch = layer.out_major(arrays[layer.weight]).shape[0]
             arrays[layer.bias] = np.zeros(out_ch, arrays[layer.weight].dtype)
     plan.units = [u for u in plan.units if u.unit.producer in layers and all(c.node in layers for c in u.unit.consumers)]
-    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config)
+    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved)
     rewritten, _ = apply_arrays(folded, solution.arrays, layers)
     if solution.quantized:
         rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers)
-    rewritten.metadata_props.add(key="udfc_onnx.version", value=__version__)
-    rewritten.metadata_props.add(key="udfc_onnx.config", value=str(config.to_dict()))
+    set_metadata(rewritten, {"udfc_onnx.version": __version__, "udfc_onnx.config": json.dumps(config.to_dict()),
+                             "udfc_onnx.overrides": json.dumps(overrides.to_dict() if overrides else {})})
     try:
         rewritten = onnx.shape_inference.infer_shapes(rewritten)
     except Exception as exc:  # shapes are a convenience for viewers; ORT does not need them
         notes.append(f"shape inference failed on the output: {exc}")
-    return CompressResult(rewritten, plan, fold_record, solution, notes)
+    layer_bits = {name: solution.quantized[l.weight].bits if l.weight in solution.quantized else None
+                  for name, l in layers.items()}
+    return CompressResult(rewritten, plan, fold_record, solution, notes, resolved, layer_bits)
 
 
-def _write_atomic(model: onnx.ModelProto, out_path: Path) -> Path:
-    """Save to a temporary file beside ``out_path``; the caller renames it after validation."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
+def set_metadata(model: onnx.ModelProto, items: Mapping[str, str]) -> None:
+    """Set ``metadata_props`` entries, replacing earlier values of the same keys (keys must be unique)."""
+    keep = [p for p in model.metadata_props if p.key not in items]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in items.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The file-level wrapper: paths, external data, atomic write, validation, report, dry run.
+
+#: Outputs whose serialized size would exceed this are saved with external data (2 GB protobuf
+#: limit, less headroom for the graph itself).
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 2**26
+
+
+@dataclass(frozen=True)
+class FileOptions:
+    """Settings of the file-level run (checking and writing), as opposed to the method's CompressConfig.
+
+    Attributes
+    ----------
+    check_n : int, default=8
+        Random samples compared with the original; 0 skips the numeric comparison.
+    rtol, atol : float, default=1e-4
+        Tolerance of the comparison when the settings are lossless (nothing pruned or quantized):
+        ``max|out - ref| <= atol + rtol * max|ref|``.
+    input_shapes : dict of str to list of int, optional
+        ``--overwrite-input-shape``: shapes of the random check inputs and of the MAC count.
+    overrides : OverrideRules, optional
+        Per-layer rules of a ``--config`` file.
+    external_data : bool, default=False
+        Save weights to ``OUT.data`` even when the model is small (always above 2 GB, and when the
+        input had external data).
+    seed : int, default=0
+        Seed of the random check inputs.
+    """
+
+    check_n: int = 8
+    rtol: float = 1e-4
+    atol: float = 1e-4
+    input_shapes: dict | None = None
+    overrides: OverrideRules | None = None
+    external_data: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.check_n, bool) or not isinstance(self.check_n, int) or self.check_n < 0:
+            raise InvalidConfigError(f"check_n must be an integer >= 0, got {self.check_n!r}")
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise InvalidConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "overrides"}
+        d["overrides"] = self.overrides.to_dict() if self.overrides else {}
+        return d
+
+
+def check_output_path(in_path: Path, out_path: Path) -> None:
+    """Refuse an output that is the input, a directory, or in a directory we cannot write.
+
+    Writability is probed by creating (and removing) a file there: permission bits do not tell
+    the whole story (root, read-only mounts, /proc).
+    """
+    if out_path.resolve() == in_path.resolve() or (out_path.exists() and in_path.exists() and os.path.samefile(in_path, out_path)):
+        raise InvalidConfigError(f"output path {out_path} is the input path; the input is never overwritten")
+    if out_path.is_dir():
+        raise InvalidConfigError(f"output path {out_path} is a directory")
+    parent = out_path.parent
+    if not parent.is_dir():
+        raise InvalidConfigError(f"output directory {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InvalidConfigError(f"output directory {parent} is not writable ({exc.strerror or first_line(exc)})") from None
+
+
+def _serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes the model would take as one protobuf (summed per part: a >2 GB whole cannot be measured)."""
+    g = model.graph
+    return sum(t.ByteSize() for t in g.initializer) + sum(n.ByteSize() for n in g.node) + 4096
+
+
+def staging_glob(out_path: Path) -> str:
+    """Glob (in ``out_path.parent``) of the staging folders :func:`compress_file` writes before renaming."""
+    return f".{out_path.name}.*.tmp"
+
+
+def _stage(model: onnx.ModelProto, out_path: Path, external: bool) -> Path:
+    """Save ``model`` into a fresh staging folder beside ``out_path``; return the folder.
+
+    Inside it the files have their final names (``OUT`` and, with external data, ``OUT.data``), so
+    the external data reference stays valid when both are renamed into place.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
+    try:
+        if external:  # note: onnx.save moves the weights out of `model` (raw_data is cleared)
+            onnx.save(model, str(staging / out_path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=out_path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save(model, str(staging / out_path.name))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _commit(staging: Path, out_path: Path) -> None:
+    """Rename the staged files into place, the data file first so the model never points at nothing."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output should get normal permissions
-    try:
-        onnx.save(model, tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
+    for f in staging.iterdir():  # onnx writes external data as 0600; outputs get the usual permissions
+        os.chmod(f, 0o666 & ~umask)
+    data = staging / (out_path.name + ".data")
+    if data.exists():
+        os.replace(data, out_path.parent / data.name)
+    os.replace(staging / out_path.name, out_path)
+
+
+def _bytes_in(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _decisions(units, resolved: dict, layer_bits: dict, prune_ratio: float) -> list[dict]:
+    """Per-unit decisions for the report: the solver's record plus the ratio asked, override and bits."""
+    out = []
+    for u in units:
+        d = asdict(u) if not isinstance(u, dict) else dict(u)
+        override = resolved.get(d["producer"])
+        d["ratio"] = override.ratio if override is not None and override.ratio is not None else prune_ratio
+        d["override"] = override.to_dict() if override is not None else None
+        d["bits"] = layer_bits.get(d["producer"])
+        out.append(d)
+    return out
+
+
+def _layers_record(layer_bits: dict, resolved: dict) -> dict:
+    return {name: {"bits": bits, "override": resolved[name].to_dict() if name in resolved else None}
+            for name, bits in layer_bits.items()}
 
 
 def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, config: CompressConfig, *,
-                  check_samples: int = 8) -> Report:
+                  options: FileOptions | None = None, check_samples: int | None = None,
+                  progress: Callable[[str], None] | None = None) -> Report:
     """Load, compress, write atomically and validate; return the report.
 
-    The output appears only after it passed validation; the input is never written.
+    The output appears only after it passed validation; the input is never written. A model
+    loaded with external data, or an output above 2 GB, is saved with its weights in ``OUT.data``.
+
+    Parameters
+    ----------
+    options : FileOptions, optional
+        Checking and writing settings (defaults: ``FileOptions()``).
+    check_samples : int, optional
+        Shorthand for ``options.check_n``.
+    progress : callable, optional
+        Called with the name of each step as it starts (load, compress, write, validate, measure).
 
     Raises
     ------
     InvalidModelError, UnsupportedModelError, InvalidConfigError
-        Bad input or options (nothing written).
+        Bad input, options or output path (nothing written).
     ValidationError
         The compressed model failed its checks (nothing written).
     """
     start = time.perf_counter()
+    options = options or FileOptions()
+    if check_samples is not None:
+        options = dataclasses.replace(options, check_n=check_samples)
+    step = progress or (lambda what: None)
     src, dst = Path(in_path), Path(out_path)
-    if dst.resolve() == src.resolve() or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
-        raise InvalidConfigError(f"output path {dst} is the input path; the input is never overwritten")
-    if dst.is_dir():
-        raise InvalidConfigError(f"output path {dst} is a directory")
-    if not dst.parent.exists() or not os.access(dst.parent if str(dst.parent) else ".", os.W_OK):
-        raise InvalidConfigError(f"output directory {dst.parent} does not exist or is not writable")
-    model = load_model(src)
-    before = ModelInfo.collect(model, src.stat().st_size)
-    result = compress_model(model, config)
-    tmp = _write_atomic(result.model, dst)
+    check_output_path(src, dst)
+    step("load")
+    loaded = read_model(src)
+    shapes = resolve_input_shapes(loaded.model, options.input_shapes)
+    before = ModelInfo.collect(loaded.model, loaded.file_bytes, input_shapes=shapes)
+    before.fused_convs = 0  # an input with any quantized op is refused, so ORT fuses none of it
+    step("compress")
+    result = compress_model(loaded.model, config, overrides=options.overrides)
+    set_metadata(result.model, {"udfc_onnx.source": src.name, "udfc_onnx.source_sha256": _sha256(src),
+                                "udfc_onnx.check": json.dumps({"check_n": options.check_n, "rtol": options.rtol,
+                                                               "atol": options.atol, "input_shapes": shapes})})
+    external = options.external_data or loaded.external_data or _serialized_size(result.model) > EXTERNAL_DATA_THRESHOLD
+    step("write")
+    staging = _stage(result.model, dst, external)
+    staged = staging / dst.name
+    notes = list(result.notes)
     try:
-        lossless = config.prune_ratio == 0 and config.weight_bits is None
-        check = validate_file(model, str(tmp), exact=lossless, n_samples=check_samples)
+        if external:  # shape inference through the file: a model over 2 GB cannot be inferred in memory
+            try:
+                onnx.shape_inference.infer_shapes_path(str(staged), str(staged))
+                notes = [n for n in notes if not n.startswith("shape inference failed")]
+            except Exception as exc:
+                notes.append(f"shape inference on the saved file failed: {first_line(exc)}")
+        step("validate")
+        lossless = not result.solution.quantized and all(u.kept == u.channels for u in result.solution.units)
+        check = validate_file(loaded.model, str(staged), exact=lossless, rtol=options.rtol, atol=options.atol,
+                              n_samples=options.check_n, seed=options.seed, shape_overrides=shapes,
+                              reference_path=str(src))
         if not check.passed:
             raise ValidationError(f"compressed model failed its check: {check.message}")
-        after = ModelInfo.collect(result.model, tmp.stat().st_size)
-        os.replace(tmp, dst)
+        step("measure")
+        after = ModelInfo.collect(result.model, _bytes_in(staging), input_shapes=shapes)
+        after.fused_convs = count_fused_convs(staged)
+        _commit(staging, dst)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
     return Report(str(src), str(dst), before, after, config.to_dict(),
-                  units=[asdict(u) for u in result.solution.units],
-                  skipped=[asdict(s) for s in result.plan.skipped],
-                  validation=check.to_dict(), elapsed_s=time.perf_counter() - start, notes=result.notes)
+                  units=_decisions(result.solution.units, result.overrides, result.layer_bits, config.prune_ratio),
+                  skipped=[asdict(s) for s in result.plan.skipped], validation=check.to_dict(),
+                  elapsed_s=time.perf_counter() - start, notes=notes,
+                  layers=_layers_record(result.layer_bits, result.overrides), overrides=options.to_dict()["overrides"],
+                  options={k: v for k, v in options.to_dict().items() if k != "overrides"},
+                  external_data=external, tool_version=__version__)
+
+
+def plan_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None, config: CompressConfig, *,
+              options: FileOptions | None = None) -> DryRun:
+    """What :func:`compress_file` would do (``--dry-run``): load, analyse and plan; solve and write nothing.
+
+    The output path (when given) is checked as for a real run, so a dry run also says whether the
+    run could write.
+    """
+    start = time.perf_counter()
+    options = options or FileOptions()
+    src = Path(in_path)
+    if out_path is not None:
+        check_output_path(src, Path(out_path))
+    loaded = read_model(src)
+    shapes = resolve_input_shapes(loaded.model, options.input_shapes)
+    before = ModelInfo.collect(loaded.model, loaded.file_bytes, input_shapes=shapes)
+    notes: list[str] = []
+    rules = options.overrides
+    model = _prepare(loaded.model, config, notes, quantize=config.weight_bits is not None or bool(rules and rules.sets_bits))
+    resolved = rules.resolve((n.name, n.op_type) for n in model.graph.node) if rules else {}
+    folded, _, _, plan, _ = analyze(model, config, overrides=resolved)
+    layers = collect_layers(folded)
+    units = [{"producer": u.unit.producer, "consumers": [c.node for c in u.unit.consumers], "channels": u.unit.channels,
+              "kept": len(u.keep), "method": config.method}
+             for u in plan.units if u.unit.producer in layers and all(c.node in layers for c in u.unit.consumers)]
+    layer_bits = {name: layer_bits_for(name, config, resolved) for name in layers}
+    external = options.external_data or loaded.external_data or _serialized_size(loaded.model) > EXTERNAL_DATA_THRESHOLD
+    return DryRun(str(src), "" if out_path is None else str(out_path), before, config.to_dict(),
+                  units=_decisions(units, resolved, layer_bits, config.prune_ratio),
+                  skipped=[asdict(s) for s in plan.skipped], layers=_layers_record(layer_bits, resolved),
+                  overrides=rules.to_dict() if rules else {}, external_data=external, notes=notes,
+                  elapsed_s=time.perf_counter() - start)

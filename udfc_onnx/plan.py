@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -60,7 +61,7 @@ class Plan:
 
 def make_plan(
     units: list[PruneUnit], skipped: list[Skip], raw_filters: dict[str, np.ndarray], *,
-    prune_ratio: float, criterion: str, weight_bits: int | None,
+    prune_ratio: float, criterion: str, weight_bits: int | None, overrides: Mapping | None = None,
 ) -> Plan:
     """Rank each unit's channels on its raw filters and keep the top int(C*(1-r)).
 
@@ -68,10 +69,15 @@ def make_plan(
     ----------
     raw_filters : dict of str to ndarray of shape (C, ...)
         Producer name -> its weights before BN folding (Neuron Merging ranks those).
+    overrides : mapping of str to LayerOverride, optional
+        Per-layer settings from ``--config`` by node name: a producer's ``ratio`` replaces
+        ``prune_ratio`` for its unit, ``skip`` keeps all its channels.
     """
     planned = []
     for unit in units:
-        n_keep = keep_count(unit.channels, prune_ratio)
+        override = (overrides or {}).get(unit.producer)
+        ratio = override.ratio if override is not None and override.ratio is not None else prune_ratio
+        n_keep = unit.channels if override is not None and override.skip else keep_count(unit.channels, ratio)
         if n_keep >= unit.channels:
             keep = tuple(range(unit.channels))
         else:

@@ -1,16 +1,27 @@
-"""Check a written model: onnx.checker on the file, an ORT session, numerics against the original."""
+"""Check a written model: onnx.checker on the file, an ORT session, numerics against the original.
+
+Both models are opened from their files (never re-serialised), so the same code serves models that
+keep their weights in external data. ``count_fused_convs`` looks at ORT's optimised graph to see
+which Convs became int8 kernels.
+"""
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-__all__ = ["ValidationResult", "random_inputs", "run_model", "validate_file"]
+from .errors import InvalidConfigError, UnsupportedModelError, first_line
 
-_NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-             onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+__all__ = ["ValidationResult", "parse_input_shapes", "resolve_input_shapes", "input_shapes", "random_inputs",
+           "run_model", "session", "validate_file", "count_fused_convs", "MAX_FEED_ELEMENTS"]
+
+#: Largest random validation batch per input (elements); beyond it the user must pick a shape.
+MAX_FEED_ELEMENTS = 2**26
 
 
 @dataclass
@@ -33,14 +44,79 @@ class ValidationResult:
         return asdict(self)
 
 
+def parse_input_shapes(specs) -> dict[str, list[int]]:
+    """Parse ``--overwrite-input-shape`` values ``name:d0,d1,...`` (or ``d0,d1,...`` for a one-input model).
+
+    Returns
+    -------
+    dict of str to list of int
+        Input name ("" for the nameless form) -> dims.
+
+    Raises
+    ------
+    InvalidConfigError
+        Empty name, a non-integer or non-positive dim, or the same input twice.
+    """
+    shapes: dict[str, list[int]] = {}
+    for spec in specs or ():
+        name, sep, dims_text = spec.rpartition(":")
+        if sep and not name:
+            raise InvalidConfigError(f"--overwrite-input-shape {spec!r}: empty input name (use name:d0,d1,...)")
+        try:
+            dims = [int(d) for d in dims_text.split(",")]
+        except ValueError:
+            raise InvalidConfigError(f"--overwrite-input-shape {spec!r}: dims must be comma-separated integers, "
+                                     "as in input:1,3,224,224") from None
+        if any(d <= 0 for d in dims):
+            raise InvalidConfigError(f"--overwrite-input-shape {spec!r}: dims must be positive")
+        if name in shapes:
+            raise InvalidConfigError(f"--overwrite-input-shape gives input {name or '(unnamed)'!r} twice")
+        shapes[name] = dims
+    return shapes
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def resolve_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> dict[str, list[int]]:
+    """Check parsed ``--overwrite-input-shape`` values against the model's inputs.
+
+    Raises
+    ------
+    InvalidConfigError
+        Unknown input name, the nameless form on a model with several inputs, or a rank that differs
+        from the declared one.
+    """
+    if not shapes:
+        return {}
+    inputs = {i.name: i for i in _real_inputs(model)}
+    resolved = {}
+    for name, dims in shapes.items():
+        if name == "":
+            if len(inputs) != 1:
+                raise InvalidConfigError(f"--overwrite-input-shape without a name needs a one-input model; "
+                                         f"inputs are {', '.join(inputs)}")
+            name = next(iter(inputs))
+        if name not in inputs:
+            raise InvalidConfigError(f"--overwrite-input-shape: no input {name!r} (inputs: {', '.join(inputs)})")
+        shape = inputs[name].type.tensor_type.shape
+        if inputs[name].type.tensor_type.HasField("shape") and len(shape.dim) != len(dims):
+            raise InvalidConfigError(f"--overwrite-input-shape {name}: {len(dims)} dims given, the model declares {len(shape.dim)}")
+        for i, (d, given) in enumerate(zip(shape.dim, dims)):
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != given:
+                raise InvalidConfigError(f"--overwrite-input-shape {name}: dim {i} is fixed at {d.dim_value} in the "
+                                         "model; only symbolic dims can be set (the model is not changed)")
+        resolved[name] = list(dims)
+    return resolved
+
+
 def input_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]] | None = None, batch: int = 2,
                  spatial: int = 32) -> dict[str, list[int]]:
     """Concrete shapes for every real graph input: symbolic batch -> ``batch``, other symbols -> ``spatial``."""
-    inits = {t.name for t in model.graph.initializer}
     shapes = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
+    for inp in _real_inputs(model):
         if overrides and inp.name in overrides:
             shapes[inp.name] = list(overrides[inp.name])
             continue
@@ -51,68 +127,177 @@ def input_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]] | None 
     return shapes
 
 
+def _batch_is_free(model: onnx.ModelProto, overrides: dict[str, list[int]] | None) -> bool:
+    """True when every input's first dim is symbolic (so one run can carry all samples)."""
+    for inp in _real_inputs(model):
+        dims = inp.type.tensor_type.shape.dim
+        if (overrides and inp.name in overrides) or not dims or (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            return False
+    return True
+
+
+def _random_array(rng: np.random.Generator, shape: list[int], elem_type: int) -> np.ndarray:
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:
+        dtype = np.dtype(np.float32)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    if dtype.kind in "iu":
+        return rng.integers(0, 10, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
 def random_inputs(model: onnx.ModelProto, rng: np.random.Generator, **kwargs) -> dict[str, np.ndarray]:
-    """Standard-normal feeds for every graph input (see :func:`input_shapes`)."""
+    """Random feeds for every graph input (see :func:`input_shapes`): N(0, 1) floats, small integers.
+
+    Raises
+    ------
+    UnsupportedModelError
+        A feed would exceed :data:`MAX_FEED_ELEMENTS` elements.
+    """
     types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
-    return {name: rng.standard_normal(shape).astype(_NP_TYPES.get(types[name], np.float32))
-            for name, shape in input_shapes(model, **kwargs).items()}
+    feeds = {}
+    for name, shape in input_shapes(model, **kwargs).items():
+        if math.prod(shape) > MAX_FEED_ELEMENTS:
+            raise UnsupportedModelError(f"input {name} shape {shape} is too large for random check inputs; "
+                                        "set --overwrite-input-shape or --check-n 0")
+        feeds[name] = _random_array(rng, shape, types[name])
+    return feeds
 
 
-def session(model_or_path, providers=("CPUExecutionProvider",)) -> ort.InferenceSession:
+def session(model_or_path, providers=("CPUExecutionProvider",), **options) -> ort.InferenceSession:
     """ORT session from a path or a ModelProto, with default graph optimisation."""
-    src = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
+    src = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(src, opts, providers=list(providers))
+    for key, value in options.items():
+        setattr(opts, key, value)
+    return ort.InferenceSession(str(src) if isinstance(src, os.PathLike) else src, opts, providers=list(providers))
 
 
 def run_model(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return sess.run(None, feeds)
 
 
+def _samples(feeds: dict[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def _outputs(ref, cand, reference: onnx.ModelProto, n_samples: int, seed: int, shape_overrides):
+    """Run both sessions on the same random feeds for at least ``n_samples`` samples.
+
+    A symbolic batch carries every sample in one run; a fixed batch is run as often as needed.
+    Returns (reference outputs, candidate outputs, samples), outputs concatenated on axis 0.
+    """
+    rng = np.random.default_rng(seed)
+    if _batch_is_free(reference, shape_overrides):
+        feeds = [random_inputs(reference, rng, overrides=shape_overrides, batch=n_samples)]
+    else:
+        feeds = [random_inputs(reference, rng, overrides=shape_overrides)]
+        while sum(map(_samples, feeds)) < n_samples:
+            feeds.append(random_inputs(reference, rng, overrides=shape_overrides))
+    try:
+        runs_r = [run_model(ref, f) for f in feeds]
+    except Exception as exc:
+        hint = "" if shape_overrides else " (symbolic dims were set to 32: try --overwrite-input-shape)"
+        raise UnsupportedModelError(f"onnxruntime cannot run the input model on random inputs: {first_line(exc)}{hint}") from None
+    runs_c = [run_model(cand, f) for f in feeds]
+
+    def stack(runs):
+        return [np.concatenate([r[i] for r in runs]) if runs[0][i].ndim else runs[0][i] for i in range(len(runs[0]))]
+    return stack(runs_r), stack(runs_c), sum(map(_samples, feeds))
+
+
 def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: bool, rtol: float = 1e-4,
                   atol: float = 1e-4, n_samples: int = 8, seed: int = 0,
-                  shape_overrides: dict[str, list[int]] | None = None) -> ValidationResult:
+                  shape_overrides: dict[str, list[int]] | None = None,
+                  reference_path: str | None = None) -> ValidationResult:
     """Check ``candidate_path`` and compare it with ``reference`` on random inputs.
 
     Parameters
     ----------
     reference : onnx.ModelProto
-        The input model.
+        The input model (its inputs' types and shapes make the feeds).
     candidate_path : str
         The written output (checked from the file, as a user will load it).
     exact : bool
         Require ``|cand - ref| <= atol + rtol * max|ref|`` (lossless settings); otherwise
         deviations are measured and reported, and only non-finite or misshapen outputs fail.
+    n_samples : int
+        Random samples to compare; 0 skips the numeric comparison (checker and session still run).
+    shape_overrides : dict of str to list of int, optional
+        Input shapes that replace the declared ones (``--overwrite-input-shape``).
+    reference_path : str, optional
+        Open the reference session from this file instead of serialising ``reference``
+        (required above 2 GB; the input file is the reference).
+
+    Raises
+    ------
+    UnsupportedModelError
+        The reference itself cannot be loaded or run by onnxruntime (a problem of the input).
     """
+    try:
+        ref = session(reference_path or reference)
+    except Exception as exc:
+        raise UnsupportedModelError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
     try:
         onnx.checker.check_model(candidate_path, full_check=True)
     except Exception as exc:
-        return ValidationResult(False, f"onnx.checker rejects the output: {str(exc).strip().splitlines()[0]}")
+        return ValidationResult(False, f"onnx.checker rejects the output: {first_line(exc)}")
     try:
         cand = session(candidate_path)
-        ref = session(reference)
     except Exception as exc:
-        return ValidationResult(False, f"onnxruntime cannot load the output: {str(exc).strip().splitlines()[0]}")
-    rng = np.random.default_rng(seed)
-    feeds = random_inputs(reference, rng, overrides=shape_overrides, batch=n_samples)
+        return ValidationResult(False, f"onnxruntime cannot load the output: {first_line(exc)}")
+    if n_samples <= 0:
+        return ValidationResult(True, "ok (numeric comparison skipped: --check-n 0)")
     try:
-        out_c = run_model(cand, feeds)
-        out_r = run_model(ref, feeds)
+        out_r, out_c, n_done = _outputs(ref, cand, reference, n_samples, seed, shape_overrides)
+    except UnsupportedModelError:
+        raise
     except Exception as exc:
-        return ValidationResult(False, f"onnxruntime fails to run the output: {str(exc).strip().splitlines()[0]}")
+        return ValidationResult(False, f"onnxruntime fails to run the output: {first_line(exc)}")
     if len(out_c) != len(out_r) or any(a.shape != b.shape for a, b in zip(out_c, out_r)):
         return ValidationResult(False, "output shapes differ from the original model")
-    if not all(np.all(np.isfinite(o)) for o in out_c):
+    if not all(np.all(np.isfinite(o)) for o in out_c if o.dtype.kind == "f"):
+        if not all(np.all(np.isfinite(o)) for o in out_r if o.dtype.kind == "f"):
+            raise UnsupportedModelError("the input model itself gives non-finite outputs on random inputs; "
+                                        "set --overwrite-input-shape or --check-n 0")
         return ValidationResult(False, "output has non-finite values")
     a, b = out_r[0].astype(np.float64), out_c[0].astype(np.float64)
     max_abs = float(np.abs(a - b).max()) if a.size else 0.0
     scale = float(np.abs(a).max()) if a.size else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
     cos = float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-    top1 = float(np.mean(a.reshape(a.shape[0], -1).argmax(1) == b.reshape(b.shape[0], -1).argmax(1))) if a.ndim >= 2 else float("nan")
-    result = ValidationResult(True, "ok", max_abs, max_rel, cos, top1, n_samples)
+    top1 = float(np.mean(a.reshape(a.shape[0], -1).argmax(1) == b.reshape(b.shape[0], -1).argmax(1))) if a.ndim >= 2 and a.size else float("nan")
+    result = ValidationResult(True, "ok", max_abs, max_rel, cos, top1, n_done)
     if exact and max_abs > atol + rtol * scale:
         result.passed = False
         result.message = f"output differs from the original by {max_abs:.3g} (allowed {atol + rtol * scale:.3g})"
     return result
+
+
+def count_fused_convs(path: str | os.PathLike) -> int | None:
+    """How many Convs ORT's CPU provider runs as int8 kernels (QLinearConv) in the model at ``path``.
+
+    Builds a session at the extended optimisation level (the one that fuses QDQ groups, without the
+    hardware-specific layout passes) with ``optimized_model_filepath`` and counts QLinearConv nodes, in
+    any domain, in the saved graph. Returns None when ORT cannot build or save it.
+    """
+    with tempfile.TemporaryDirectory(prefix="udfc-ort-") as tmp:
+        optimized = os.path.join(tmp, "optimized.onnx")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = optimized
+        # Weights go to a side file so that models above 2 GB can be saved too.
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        try:
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            graph = onnx.load(optimized, load_external_data=False).graph
+        except Exception:
+            return None
+        return sum(1 for n in graph.node if n.op_type == "QLinearConv")
