@@ -97,7 +97,8 @@ def test_progress_only_when_asked_off_a_terminal(chain_path, tmp_path, capsys):
     assert capsys.readouterr().err == ""  # captured stderr is not a terminal
     assert main([str(chain_path), str(tmp_path / "b.onnx"), "--progress", "-q"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert [line.split("] ")[1].split(" (")[0] for line in err] == ["load", "compress", "write", "validate", "measure"]
+    assert [line.split("] ")[1].split(" (")[0] for line in err] == ["load", "run original", "compress", "write",
+                                                                            "validate", "measure"]
 
 
 def test_report_json_has_table_numbers_and_unit_decisions(chain_path, tmp_path):

@@ -344,7 +344,7 @@ def _single(argv: Sequence[str]) -> int:
             if not args.quiet:
                 print(render_dry_run(plan))
             return 0
-        progress = _progress(args, 5, "udfc_onnx")
+        progress = _progress(args, 6, "udfc_onnx")
         report = compress_file(args.input, args.output, config, options=options, progress=progress.step)
         if args.report:
             _write_json(args.report, report.to_dict())

@@ -38,8 +38,10 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
     Errors from protobuf, onnx and onnxruntime often span many lines; the CLI prints one.
     """
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line:
-            return line if len(line) <= limit else line[:limit - 3] + "..."
-    return type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    if line.endswith(":") and len(lines) > 1:  # "... input 'x' of node:" names the culprit on the next line
+        line = f"{line} {lines[1]}"
+    return line if len(line) <= limit else line[:limit - 3] + "..."

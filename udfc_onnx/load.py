@@ -6,6 +6,7 @@ learns that it had external data so the output is saved the same way.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from onnx import external_data_helper
 
 from .errors import InvalidModelError, UnsupportedModelError, first_line
 
-__all__ = ["LoadedModel", "read_model", "load_model", "check_supported", "default_opset", "MIN_OPSET",
+__all__ = ["LoadedModel", "read_model", "load_model", "check_supported", "check_channels", "shape_skeleton", "default_opset", "MIN_OPSET",
            "QUANTIZED_OPS", "PROTOBUF_LIMIT"]
 
 MIN_OPSET = 11
@@ -24,6 +25,9 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 #: Largest protobuf message (bytes); a model above it must keep its weights in external data.
 PROTOBUF_LIMIT = 2**31 - 1
+# Initializers above this many elements are shape-only in the copy used for shape inference:
+# their values are never needed for shapes, and copying them would double the memory of a big model.
+_SHAPE_ONLY_ELEMENTS = 4096
 
 
 @dataclass
@@ -67,6 +71,53 @@ def _external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
     return files
 
 
+def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference: large initializers keep dims and type, not data."""
+    m = onnx.ModelProto(ir_version=model.ir_version)
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    g = model.graph
+    m.graph.name = g.name
+    m.graph.node.extend(g.node)
+    m.graph.input.extend(g.input)
+    m.graph.output.extend(g.output)
+    for t in g.initializer:
+        small = math.prod(t.dims) <= _SHAPE_ONLY_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL
+        m.graph.initializer.append(t if small else onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
+    return m
+
+
+def check_channels(model: onnx.ModelProto, where: str = "model") -> None:
+    """Refuse a Conv/Gemm whose input does not have the channels its weight expects.
+
+    onnx.checker accepts such a model and onnxruntime loads it (it fails only when run); the
+    solver, which slices weights by channel, must not be the one to find out.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model))
+    except Exception:
+        return  # full_check already passed; shapes are then merely unknown
+    dims = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+            for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        x, w = dims.get(node.input[0]), weights[node.input[1]]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv" and x and len(x) > 1 and x[1] and len(w) > 1:
+            expected = w[1] * int(attrs.get("group", 1))
+            if x[1] != expected:
+                raise InvalidModelError(f"{where}: Conv {node.name or node.output[0]} gets {x[1]} input channels, "
+                                        f"its weight expects {expected}")
+        elif node.op_type == "Gemm" and x and len(x) == 2 and len(w) == 2:
+            k = x[0] if attrs.get("transA", 0) else x[1]
+            expected = w[1] if attrs.get("transB", 0) else w[0]
+            if k and k != expected:
+                raise InvalidModelError(f"{where}: Gemm {node.name or node.output[0]} gets {k} inputs, "
+                                        f"its weight expects {expected}")
+
+
 def read_model(path: str | os.PathLike) -> LoadedModel:
     """Read ``path`` with its external data, run the ONNX checker and :func:`check_supported`.
 
@@ -108,11 +159,13 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         if not f.is_file():
             raise InvalidModelError(f"{p}: external data file {f.name} is missing")
     # The checker reads the file itself when the weights live outside it (and above 2 GB it must).
+    # full_check adds strict shape inference: a model whose shapes do not agree is refused here,
+    # not found out in the middle of the solver.
     try:
         if external:
-            onnx.checker.check_model(str(p))
+            onnx.checker.check_model(str(p), full_check=True)
         else:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         raise InvalidModelError(f"{p}: fails onnx.checker: {first_line(exc)}") from None
     if external:
@@ -121,6 +174,7 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         except Exception as exc:
             raise InvalidModelError(f"{p}: cannot read its external data ({first_line(exc)})") from None
     check_supported(model, str(p))
+    check_channels(model, str(p))
     return LoadedModel(model, p, external, size + sum(f.stat().st_size for f in files))
 
 

@@ -37,7 +37,7 @@ from .report import DryRun, ModelInfo, Report
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
 from .units import find_units
-from .validate import count_fused_convs, resolve_input_shapes, validate_file
+from .validate import count_fused_convs, resolve_input_shapes, run_reference, validate_file
 
 __all__ = ["CompressResult", "FileOptions", "analyze", "compress_model", "compress_file", "plan_file", "set_metadata"]
 
@@ -311,7 +311,8 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     check_samples : int, optional
         Shorthand for ``options.check_n``.
     progress : callable, optional
-        Called with the name of each step as it starts (load, compress, write, validate, measure).
+        Called with the name of each step as it starts (load, run original, compress, write,
+        validate, measure).
 
     Raises
     ------
@@ -332,6 +333,9 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     shapes = resolve_input_shapes(loaded.model, options.input_shapes)
     before = ModelInfo.collect(loaded.model, loaded.file_bytes, input_shapes=shapes)
     before.fused_convs = 0  # an input with any quantized op is refused, so ORT fuses none of it
+    step("run original")  # the input must load and run in ORT before any work is spent on it
+    expected = run_reference(loaded.model, n_samples=options.check_n, seed=options.seed, shape_overrides=shapes,
+                             reference_path=str(src))
     step("compress")
     result = compress_model(loaded.model, config, overrides=options.overrides)
     set_metadata(result.model, {"udfc_onnx.source": src.name, "udfc_onnx.source_sha256": _sha256(src),
@@ -352,8 +356,7 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         step("validate")
         lossless = not result.solution.quantized and all(u.kept == u.channels for u in result.solution.units)
         check = validate_file(loaded.model, str(staged), exact=lossless, rtol=options.rtol, atol=options.atol,
-                              n_samples=options.check_n, seed=options.seed, shape_overrides=shapes,
-                              reference_path=str(src))
+                              expected=expected)
         if not check.passed:
             raise ValidationError(f"compressed model failed its check: {check.message}")
         step("measure")

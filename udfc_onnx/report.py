@@ -14,41 +14,19 @@ import numpy as np
 import onnx
 
 from .graph import GraphView, attribute
+from .load import shape_skeleton
 
 __all__ = ["ModelInfo", "Report", "DryRun", "Progress", "render_table", "render_units", "render_dry_run",
            "render_batch_table"]
-
-# Initializers above this many elements are shape-only in the copy used for shape inference:
-# their values are never needed for shapes, and copying them would double the memory of a big model.
-_SHAPE_ONLY_ELEMENTS = 4096
-
 
 def _dims(shape) -> list[int] | None:
     dims = [d.dim_value if d.HasField("dim_value") else 0 for d in shape.dim]
     return dims if all(d > 0 for d in dims) else None
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` for shape inference: large initializers keep dims and type, not data."""
-    m = onnx.ModelProto(ir_version=model.ir_version)
-    m.opset_import.extend(model.opset_import)
-    m.functions.extend(model.functions)
-    g = model.graph
-    m.graph.name = g.name
-    m.graph.node.extend(g.node)
-    m.graph.input.extend(g.input)
-    m.graph.output.extend(g.output)
-    for t in g.initializer:
-        if int(np.prod(t.dims)) <= _SHAPE_ONLY_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL:
-            m.graph.initializer.append(t)
-        else:
-            m.graph.initializer.append(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
-    return m
-
-
 def _fixed_shapes(model: onnx.ModelProto, spatial: int, input_shapes: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     """Shapes of every tensor with batch 1, ``input_shapes`` applied and other unknown dims set to ``spatial``."""
-    m = _skeleton(model)
+    m = shape_skeleton(model)
     inits = {t.name for t in m.graph.initializer}
     for inp in m.graph.input:
         if inp.name in inits:

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from .errors import InvalidConfigError, UnsupportedModelError, first_line
 
-__all__ = ["ValidationResult", "parse_input_shapes", "resolve_input_shapes", "input_shapes", "random_inputs",
+__all__ = ["ValidationResult", "Reference", "run_reference", "parse_input_shapes", "resolve_input_shapes", "input_shapes", "random_inputs",
            "run_model", "session", "validate_file", "count_fused_convs", "MAX_FEED_ELEMENTS"]
 
 #: Largest random validation batch per input (elements); beyond it the user must pick a shape.
@@ -187,12 +187,46 @@ def _samples(feeds: dict[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
-def _outputs(ref, cand, reference: onnx.ModelProto, n_samples: int, seed: int, shape_overrides):
-    """Run both sessions on the same random feeds for at least ``n_samples`` samples.
+@dataclass
+class Reference:
+    """The original model's outputs on the random check inputs.
+
+    Attributes
+    ----------
+    feeds : list of dict of str to ndarray
+        One feed per run (one run when the batch is symbolic, several for a fixed batch).
+    outputs : list of ndarray
+        Each output of the model, runs concatenated on axis 0.
+    n_samples : int
+    """
+
+    feeds: list
+    outputs: list
+    n_samples: int
+
+
+def _stack(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    return [np.concatenate([r[i] for r in runs]) if runs[0][i].ndim else runs[0][i] for i in range(len(runs[0]))]
+
+
+def run_reference(reference: onnx.ModelProto, *, n_samples: int, seed: int = 0,
+                  shape_overrides: dict[str, list[int]] | None = None, reference_path: str | None = None) -> Reference:
+    """Open and run the original model on random inputs, before anything is compressed.
 
     A symbolic batch carries every sample in one run; a fixed batch is run as often as needed.
-    Returns (reference outputs, candidate outputs, samples), outputs concatenated on axis 0.
+
+    Raises
+    ------
+    UnsupportedModelError
+        onnxruntime cannot load or run the input, or its outputs are not finite (then random
+        inputs are no test of it): a problem of the input, found before any work.
     """
+    try:
+        ref = session(reference_path or reference)
+    except Exception as exc:
+        raise UnsupportedModelError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
+    if n_samples <= 0:
+        return Reference([], [], 0)
     rng = np.random.default_rng(seed)
     if _batch_is_free(reference, shape_overrides):
         feeds = [random_inputs(reference, rng, overrides=shape_overrides, batch=n_samples)]
@@ -201,21 +235,20 @@ def _outputs(ref, cand, reference: onnx.ModelProto, n_samples: int, seed: int, s
         while sum(map(_samples, feeds)) < n_samples:
             feeds.append(random_inputs(reference, rng, overrides=shape_overrides))
     try:
-        runs_r = [run_model(ref, f) for f in feeds]
+        outputs = _stack([run_model(ref, f) for f in feeds])
     except Exception as exc:
         hint = "" if shape_overrides else " (symbolic dims were set to 32: try --overwrite-input-shape)"
         raise UnsupportedModelError(f"onnxruntime cannot run the input model on random inputs: {first_line(exc)}{hint}") from None
-    runs_c = [run_model(cand, f) for f in feeds]
-
-    def stack(runs):
-        return [np.concatenate([r[i] for r in runs]) if runs[0][i].ndim else runs[0][i] for i in range(len(runs[0]))]
-    return stack(runs_r), stack(runs_c), sum(map(_samples, feeds))
+    if not all(np.all(np.isfinite(o)) for o in outputs if o.dtype.kind == "f"):
+        raise UnsupportedModelError("the input model gives non-finite outputs on random inputs; "
+                                    "set --overwrite-input-shape or --check-n 0")
+    return Reference(feeds, outputs, sum(map(_samples, feeds)))
 
 
 def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: bool, rtol: float = 1e-4,
                   atol: float = 1e-4, n_samples: int = 8, seed: int = 0,
                   shape_overrides: dict[str, list[int]] | None = None,
-                  reference_path: str | None = None) -> ValidationResult:
+                  reference_path: str | None = None, expected: Reference | None = None) -> ValidationResult:
     """Check ``candidate_path`` and compare it with ``reference`` on random inputs.
 
     Parameters
@@ -234,16 +267,18 @@ def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: boo
     reference_path : str, optional
         Open the reference session from this file instead of serialising ``reference``
         (required above 2 GB; the input file is the reference).
+    expected : Reference, optional
+        The reference outputs, when :func:`run_reference` ran already (then the arguments above
+        that make them are not used).
 
     Raises
     ------
     UnsupportedModelError
         The reference itself cannot be loaded or run by onnxruntime (a problem of the input).
     """
-    try:
-        ref = session(reference_path or reference)
-    except Exception as exc:
-        raise UnsupportedModelError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
+    if expected is None:
+        expected = run_reference(reference, n_samples=n_samples, seed=seed, shape_overrides=shape_overrides,
+                                 reference_path=reference_path)
     try:
         onnx.checker.check_model(candidate_path, full_check=True)
     except Exception as exc:
@@ -252,20 +287,16 @@ def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: boo
         cand = session(candidate_path)
     except Exception as exc:
         return ValidationResult(False, f"onnxruntime cannot load the output: {first_line(exc)}")
-    if n_samples <= 0:
+    if expected.n_samples == 0:
         return ValidationResult(True, "ok (numeric comparison skipped: --check-n 0)")
     try:
-        out_r, out_c, n_done = _outputs(ref, cand, reference, n_samples, seed, shape_overrides)
-    except UnsupportedModelError:
-        raise
+        out_c = _stack([run_model(cand, f) for f in expected.feeds])
     except Exception as exc:
         return ValidationResult(False, f"onnxruntime fails to run the output: {first_line(exc)}")
+    out_r = expected.outputs
     if len(out_c) != len(out_r) or any(a.shape != b.shape for a, b in zip(out_c, out_r)):
         return ValidationResult(False, "output shapes differ from the original model")
     if not all(np.all(np.isfinite(o)) for o in out_c if o.dtype.kind == "f"):
-        if not all(np.all(np.isfinite(o)) for o in out_r if o.dtype.kind == "f"):
-            raise UnsupportedModelError("the input model itself gives non-finite outputs on random inputs; "
-                                        "set --overwrite-input-shape or --check-n 0")
         return ValidationResult(False, "output has non-finite values")
     a, b = out_r[0].astype(np.float64), out_c[0].astype(np.float64)
     max_abs = float(np.abs(a - b).max()) if a.size else 0.0
@@ -273,7 +304,7 @@ def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: boo
     max_rel = max_abs / scale if scale > 0 else max_abs
     cos = float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
     top1 = float(np.mean(a.reshape(a.shape[0], -1).argmax(1) == b.reshape(b.shape[0], -1).argmax(1))) if a.ndim >= 2 and a.size else float("nan")
-    result = ValidationResult(True, "ok", max_abs, max_rel, cos, top1, n_done)
+    result = ValidationResult(True, "ok", max_abs, max_rel, cos, top1, expected.n_samples)
     if exact and max_abs > atol + rtol * scale:
         result.passed = False
         result.message = f"output differs from the original by {max_abs:.3g} (allowed {atol + rtol * scale:.3g})"
