@@ -182,6 +182,7 @@ def _work(job: BatchJob, config: CompressConfig, options, conn) -> None:
     """Worker process body: convert one model, send back one row (as a dict)."""
     # SIGTERM (the parent's timeout) becomes an exception, so compress_file removes its staging folder.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     from .pipeline import compress_file
 
     start = time.perf_counter()
@@ -221,6 +222,15 @@ def _remove_partial(job: BatchJob) -> None:
     out = Path(job.output)
     for leftover in out.parent.glob(staging_glob(out)):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _stop(proc, grace: float = 5.0) -> None:
+    """SIGTERM (the worker cleans up), then SIGKILL if it is still there after ``grace`` seconds."""
+    proc.terminate()
+    proc.join(grace)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
 
 
 def run_batch(jobs: Sequence[BatchJob], config: CompressConfig, options, *, n_jobs: int = 1,
@@ -289,16 +299,12 @@ def run_batch(jobs: Sequence[BatchJob], config: CompressConfig, options, *, n_jo
                     finish(sentinel, BatchRow(job.name, job.input, job.output, "crashed",
                                               f"worker died ({why}) without a result", now - start))
                 elif timeout is not None and now - start > timeout:
-                    proc.terminate()
-                    proc.join(5)
-                    if proc.is_alive():
-                        proc.kill()
+                    _stop(proc)
                     finish(sentinel, BatchRow(job.name, job.input, job.output, "timeout",
                                               f"stopped after {timeout:g} s (--timeout)", now - start))
     finally:  # interrupted: stop every worker and clean up after it
         for sentinel, (index, job, proc, conn, start) in list(running.items()):
-            proc.kill()
-            proc.join()
+            _stop(proc)
             _remove_partial(job)
     return [rows[i] for i in sorted(rows)]
 

@@ -424,6 +424,10 @@ def _batch(argv: Sequence[str]) -> int:
 
     try:
         rows = run_batch(jobs, config, options, n_jobs=args.jobs, timeout=args.timeout, on_result=on_result)
+    except KeyboardInterrupt:
+        progress.close()
+        print("udfc_onnx: batch interrupted; finished models are kept, no summary written", file=sys.stderr)
+        return 130
     except Exception as exc:
         return _internal_error(exc, args.verbose)
     finally:

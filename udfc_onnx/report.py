@@ -140,7 +140,8 @@ class ModelInfo:
     Attributes
     ----------
     params : int
-        Elements of Conv/Gemm/MatMul weights and biases (stored as float or integers).
+        Elements of Conv/Gemm/MatMul weights and biases (stored as float or integers) and of
+        BatchNormalization scales and biases (as PyTorch counts parameters).
     macs : int
         Multiply-accumulates of Conv/Gemm/MatMul for one sample (batch 1).
     file_bytes : int
@@ -174,6 +175,13 @@ class ModelInfo:
         params, macs, counted = 0, 0, set()
         channels = {}
         for node in model.graph.node:
+            if node.op_type == "BatchNormalization":
+                # scale and bias are trained parameters (the running statistics are buffers): counting
+                # them keeps "before" comparable with the folded "after", where they became conv biases
+                for inp in node.input[1:3]:
+                    if inp in view.initializers and inp not in counted:
+                        counted.add(inp)
+                        params += int(np.prod(view.initializers[inp].dims))
             if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
                 continue
             for inp in node.input[1:]:
