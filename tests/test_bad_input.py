@@ -250,3 +250,61 @@ def test_unreadable_input(case, good, tmp_path):
         case.run(good, message="cannot read")
     finally:
         good.chmod(0o644)
+
+
+def _with_initializer(model, name, slicer):
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(slicer(numpy_helper.to_array(t)), name))
+    return model
+
+
+def test_conv_channels_that_do_not_match(case, tmp_path):
+    # onnx.checker (even full_check) accepts this and onnxruntime loads it; it fails only when run.
+    model = _with_initializer(conv_chain(), "conv1.weight", lambda w: w[:, :5])
+    case.run(_save(tmp_path, "channels.onnx", model), "--check-n", "0", message="Conv conv1 gets 8 input channels, its weight expects 5")
+
+
+def test_batchnorm_parameters_that_do_not_match(case, tmp_path):
+    model = _with_initializer(conv_chain(), "bn1.gamma", lambda g: g[:7])
+    case.run(_save(tmp_path, "bn.onnx", model), "--check-n", "0", message="BatchNormalization bn1 has parameters")
+
+
+def _flatten_head_for_4x4():
+    """Conv -> Flatten -> Gemm sized for 4x4 inputs, with symbolic H and W: the checker cannot tell."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((5, 64)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], name="gemm", transB=1)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_input_that_onnxruntime_cannot_run(case, tmp_path):
+    # Symbolic dims set to 32 make 4096 features for a Gemm that takes 64: running the original finds it.
+    line = case.run(_save(tmp_path, "head.onnx", _flatten_head_for_4x4()),
+                    message="onnxruntime cannot run the input model on random inputs")
+    assert line.endswith("(symbolic dims were set to 32: try --overwrite-input-shape)")
+
+
+def test_the_hint_is_right(tmp_path, capsys):
+    src = _save(tmp_path, "head.onnx", _flatten_head_for_4x4())
+    assert main([str(src), str(tmp_path / "o.onnx"), "--overwrite-input-shape", "x:1,3,4,4", "-q"]) == 0
+
+
+def test_one_line_on_the_process_stderr(tmp_path):
+    """ORT logs its own failures to the process's stderr; the CLI silences them so its line is the only one."""
+    import subprocess
+
+    src = _save(tmp_path, "head.onnx", _flatten_head_for_4x4())
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "udfc_onnx", str(src), str(tmp_path / "o.onnx")], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith("udfc_onnx: error: "), run.stderr
+    assert not (tmp_path / "o.onnx").exists()

@@ -1,6 +1,9 @@
 """Fuzz the CLI with mutated model bytes: a clean exit code and one line, never a traceback or partial output.
 
-The CI budget is small and derandomized (the same examples every run). A longer, random campaign:
+Two mutators: byte edits (flips, inserts, deletions, truncation: mostly unreadable protobuf) and
+field edits (op types, attributes, wiring, dims, opset, dtypes: readable models that are almost
+valid, which reach the checker, the channel checks and the pipeline). The CI budget is small and
+derandomized (the same examples every run). A longer, random campaign:
 
     UDFC_FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz.py
 """
@@ -66,6 +69,53 @@ def mutated(draw):
     return name, edits, bytes(data)
 
 
+_OPS = ["Conv", "Relu", "Add", "Identity", "Flatten", "Gemm", "MaxPool", "GlobalAveragePool", "BatchNormalization",
+        "Concat", "QuantizeLinear", "Transpose"]
+
+
+@st.composite
+def restructured(draw):
+    """A seed model with 1-3 field-level edits that keep the protobuf readable: the checker,
+    the channel checks and the pipeline see models that are almost valid."""
+    name = draw(st.sampled_from(sorted(SEEDS)))
+    model = onnx.load_model_from_string(SEEDS[name])
+    graph = model.graph
+    edits = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["op", "attr", "rewire", "dims", "opset", "drop", "input_dim", "init_dtype"]))
+        node = graph.node[draw(st.integers(0, len(graph.node) - 1))] if graph.node else None
+        if kind == "op" and node is not None:
+            node.op_type = draw(st.sampled_from(_OPS))
+        elif kind == "attr" and node is not None and node.attribute:
+            attr = node.attribute[draw(st.integers(0, len(node.attribute) - 1))]
+            if attr.ints:
+                attr.ints[draw(st.integers(0, len(attr.ints) - 1))] = draw(st.integers(-2, 9))
+            else:
+                attr.i = draw(st.integers(-2, 9))
+        elif kind == "rewire" and node is not None and node.input:
+            names = [i.name for i in graph.input] + [o for n in graph.node for o in n.output] + \
+                    [t.name for t in graph.initializer]
+            node.input[draw(st.integers(0, len(node.input) - 1))] = draw(st.sampled_from(names))
+        elif kind == "dims" and graph.initializer:
+            tensor = graph.initializer[draw(st.integers(0, len(graph.initializer) - 1))]
+            if tensor.dims:
+                tensor.dims[draw(st.integers(0, len(tensor.dims) - 1))] = draw(st.integers(0, 70))
+        elif kind == "opset":
+            model.opset_import[0].version = draw(st.integers(7, 25))
+        elif kind == "drop" and node is not None:
+            graph.node.remove(node)
+        elif kind == "input_dim" and graph.input:
+            dims = graph.input[0].type.tensor_type.shape.dim
+            if dims:
+                dims[draw(st.integers(0, len(dims) - 1))].dim_value = draw(st.sampled_from([0, 1, 2, 5, 64, 10**6]))
+        elif kind == "init_dtype" and graph.initializer:
+            tensor = graph.initializer[draw(st.integers(0, len(graph.initializer) - 1))]
+            tensor.data_type = draw(st.sampled_from([onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                                                     onnx.TensorProto.INT8, onnx.TensorProto.INT64]))
+        edits.append(kind)
+    return name, edits, model.SerializeToString()
+
+
 def _check_one(example, options):
     name, edits, data = example
     with tempfile.TemporaryDirectory(prefix="udfc-fuzz-") as tmp:
@@ -98,6 +148,14 @@ def test_mutated_models_exit_cleanly(example):
     _check_one(example, ["--prune-ratio", "0.3", "--weight-bits", "6", "--check-n", "2", "-q"])
 
 
+@settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=not CAMPAIGN, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(example=restructured(), check_n=st.sampled_from(["0", "2"]))
+def test_restructured_models_exit_cleanly(example, check_n):
+    # --check-n 0 skips running the original first: the static checks alone must stop a bad model.
+    _check_one(example, ["--prune-ratio", "0.3", "--weight-bits", "6", "--check-n", check_n, "-q"])
+
+
 def test_seeds_themselves_compress():
     for name, data in SEEDS.items():
         assert _check_one((name, [], data), ["--prune-ratio", "0.3", "--check-n", "2", "-q"]) == 0, name
@@ -116,5 +174,16 @@ def test_campaign_outcomes(capsys):
         counts[code] = counts.get(code, 0) + 1
 
     run()
+    structured: dict[int, int] = {}
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(example=restructured(), check_n=st.sampled_from(["0", "2"]))
+    def run_structured(example, check_n):
+        code = _check_one(example, ["--prune-ratio", "0.3", "--weight-bits", "6", "--check-n", check_n, "-q"])
+        structured[code] = structured.get(code, 0) + 1
+
+    run_structured()
     with capsys.disabled():
-        print(f"\nfuzz campaign: {sum(counts.values())} examples, exit codes {dict(sorted(counts.items()))}")
+        print(f"\nfuzz campaign, byte edits: {sum(counts.values())} examples, exit codes {dict(sorted(counts.items()))}")
+        print(f"fuzz campaign, field edits: {sum(structured.values())} examples, exit codes {dict(sorted(structured.items()))}")

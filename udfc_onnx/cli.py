@@ -505,12 +505,23 @@ def _inspect(argv: Sequence[str]) -> int:
     return 0
 
 
+def _quiet_onnxruntime() -> None:
+    """ORT's default logger prints failures (in colour, to stderr) that the CLI reports in its own line."""
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(4)
+    except Exception:  # an old or odd onnxruntime: its log lines are only noise
+        pass
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"inspect": _inspect, "batch": _batch, "merge-reports": _merge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (``--help`` and ``--version`` return 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_onnxruntime()
     command = COMMANDS.get(argv[0]) if argv and not os.path.exists(argv[0]) else None
     try:
         return command(argv[1:]) if command else _single(argv)

@@ -88,7 +88,8 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def check_channels(model: onnx.ModelProto, where: str = "model") -> None:
-    """Refuse a Conv/Gemm whose input does not have the channels its weight expects.
+    """Refuse a Conv/Gemm whose input does not have the channels its weight expects, or a
+    BatchNormalization whose parameters are not one value per channel.
 
     onnx.checker accepts such a model and onnxruntime loads it (it fails only when run); the
     solver, which slices weights by channel, must not be the one to find out.
@@ -101,6 +102,16 @@ def check_channels(model: onnx.ModelProto, where: str = "model") -> None:
             for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            params = [weights.get(name) for name in node.input[1:5]]
+            x = dims.get(node.input[0])
+            sizes = {p[0] if len(p) == 1 else -1 for p in params if p is not None}
+            if x and len(x) > 1 and x[1]:
+                sizes.add(x[1])
+            if len(sizes) > 1:
+                raise InvalidModelError(f"{where}: BatchNormalization {node.name or node.output[0]} has parameters "
+                                        f"that do not match its channels ({', '.join(str(list(p)) for p in params if p is not None)})")
+            continue
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in weights:
             continue
         x, w = dims.get(node.input[0]), weights[node.input[1]]

@@ -20,6 +20,10 @@ from .errors import InvalidConfigError, UnsupportedModelError, first_line
 __all__ = ["ValidationResult", "Reference", "run_reference", "parse_input_shapes", "resolve_input_shapes", "input_shapes", "random_inputs",
            "run_model", "session", "validate_file", "count_fused_convs", "MAX_FEED_ELEMENTS"]
 
+# ORT logs failures itself (to the process's stderr, in colour) before raising them; every failure
+# here is caught and reported in one line, so only fatal messages are let through.
+_ORT_LOG_LEVEL = 4
+
 #: Largest random validation batch per input (elements); beyond it the user must pick a shape.
 MAX_FEED_ELEMENTS = 2**26
 
@@ -136,6 +140,16 @@ def _batch_is_free(model: onnx.ModelProto, overrides: dict[str, list[int]] | Non
     return True
 
 
+def _guessed_dims(model: onnx.ModelProto, overrides: dict[str, list[int]] | None) -> bool:
+    """True when some input has a symbolic dim beyond the batch that no override set."""
+    for inp in _real_inputs(model):
+        if overrides and inp.name in overrides:
+            continue
+        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in inp.type.tensor_type.shape.dim[1:]):
+            return True
+    return False
+
+
 def _random_array(rng: np.random.Generator, shape: list[int], elem_type: int) -> np.ndarray:
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
@@ -172,7 +186,7 @@ def session(model_or_path, providers=("CPUExecutionProvider",), **options) -> or
     """ORT session from a path or a ModelProto, with default graph optimisation."""
     src = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = _ORT_LOG_LEVEL
     for key, value in options.items():
         setattr(opts, key, value)
     return ort.InferenceSession(str(src) if isinstance(src, os.PathLike) else src, opts, providers=list(providers))
@@ -237,7 +251,7 @@ def run_reference(reference: onnx.ModelProto, *, n_samples: int, seed: int = 0,
     try:
         outputs = _stack([run_model(ref, f) for f in feeds])
     except Exception as exc:
-        hint = "" if shape_overrides else " (symbolic dims were set to 32: try --overwrite-input-shape)"
+        hint = " (symbolic dims were set to 32: try --overwrite-input-shape)" if _guessed_dims(reference, shape_overrides) else ""
         raise UnsupportedModelError(f"onnxruntime cannot run the input model on random inputs: {first_line(exc)}{hint}") from None
     if not all(np.all(np.isfinite(o)) for o in outputs if o.dtype.kind == "f"):
         raise UnsupportedModelError("the input model gives non-finite outputs on random inputs; "
@@ -321,7 +335,7 @@ def count_fused_convs(path: str | os.PathLike) -> int | None:
     with tempfile.TemporaryDirectory(prefix="udfc-ort-") as tmp:
         optimized = os.path.join(tmp, "optimized.onnx")
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = _ORT_LOG_LEVEL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = optimized
         # Weights go to a side file so that models above 2 GB can be saved too.
