@@ -308,3 +308,21 @@ def test_one_line_on_the_process_stderr(tmp_path):
     assert run.returncode == 2 and run.stdout == ""
     assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith("udfc_onnx: error: "), run.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("name, value", [("conv1.weight", np.inf), ("bn1.var", np.nan)])
+def test_non_finite_weights(case, tmp_path, name, value):
+    def poison(w):
+        w = w.copy()
+        w.flat[0] = value
+        return w
+    model = _with_initializer(conv_chain(), name, poison)
+    case.run(_save(tmp_path, "nonfinite.onnx", model), "--check-n", "0", message=f"weight {name} of")
+
+
+def test_initializer_data_that_does_not_fill_its_shape(case, tmp_path):
+    # More bytes than the declared dims: the checker only objects to too few.
+    model = conv_chain()
+    weight = next(t for t in model.graph.initializer if t.name == "conv1.weight")
+    weight.dims[2] = 1
+    case.run(_save(tmp_path, "dims.onnx", model), message="initializer conv1.weight holds 3456 bytes for shape [12, 8, 1, 3]")

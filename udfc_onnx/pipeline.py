@@ -266,6 +266,15 @@ def _commit(staging: Path, out_path: Path) -> None:
     os.replace(staging / out_path.name, out_path)
 
 
+def _non_finite_initializer(model: onnx.ModelProto) -> str | None:
+    """Name of the first float initializer with NaN or Inf (the input had none: load checks it)."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+    for t in model.graph.initializer:
+        if t.data_type in floats and not np.all(np.isfinite(onnx.numpy_helper.to_array(t))):
+            return t.name
+    return None
+
+
 def _bytes_in(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
@@ -341,6 +350,9 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     set_metadata(result.model, {"udfc_onnx.source": src.name, "udfc_onnx.source_sha256": _sha256(src),
                                 "udfc_onnx.check": json.dumps({"check_n": options.check_n, "rtol": options.rtol,
                                                                "atol": options.atol, "input_shapes": shapes})})
+    bad = _non_finite_initializer(result.model)
+    if bad:
+        raise ValidationError(f"compressed model failed its check: weight {bad} has NaN or Inf values")
     external = options.external_data or loaded.external_data or _serialized_size(result.model) > EXTERNAL_DATA_THRESHOLD
     step("write")
     staging = _stage(result.model, dst, external)
