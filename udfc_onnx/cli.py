@@ -51,6 +51,19 @@ def _compress_parser() -> argparse.ArgumentParser:
     bt.add_argument("--no-bias-transfer", dest="bias_transfer", action="store_const", const=False,
                     help="disable the bias transfer")
     p.add_argument("--ridge", type=float, default=None, help=f"relative ridge of the pruning regression (default {d.ridge})")
+    # --- int8 deployment output (udfc_onnx/int8.py) ---
+    p.add_argument("--activations", choices=["float", "uint8"], default=d.activations,
+                   help="uint8: full int8 QDQ that ORT fuses into QLinearConv (faster); float: weight-only QDQ "
+                        "(smaller file, runs slower than float on ORT CPU)")
+    p.add_argument("--activation-sigmas", type=float, default=d.activation_sigmas,
+                   help="data-free activation range: BN mean +- this many standard deviations")
+    p.add_argument("--calibration", metavar="FILE.npz", default=None,
+                   help="optional samples for activation ranges (min/max): an array named like the model input "
+                        "(preprocessed floats), or 'x' (uint8 images, with --calibration-norm)")
+    p.add_argument("--calibration-norm", choices=["cifar", "imagenet"], default=None,
+                   help="normalisation of uint8 calibration images: x/255, then per-channel mean/std")
+    p.add_argument("--int4-storage", action="store_true",
+                   help="store 2..4-bit weights as INT4 (opset 21): smaller file, but ORT does not fuse INT4, so it runs slower")
     p.add_argument("--report", metavar="FILE.json", default=None, help="also write the full report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return p
@@ -67,6 +80,9 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
         v = getattr(args, name)
         if v is not None:
             values[name] = v
+    # --- int8 deployment output ---
+    values.update(activations=args.activations, activation_sigmas=args.activation_sigmas, calibration=args.calibration,
+                  calibration_norm=args.calibration_norm, int4_storage=args.int4_storage)
     return CompressConfig(**values)
 
 

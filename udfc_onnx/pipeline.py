@@ -23,6 +23,7 @@ from .config import CompressConfig
 from .errors import InvalidConfigError, ValidationError
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names
+from .int8 import Int8Record, check_fusion, quantize_activations
 from .load import default_opset, load_model
 from .plan import Plan, make_plan
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
@@ -44,6 +45,7 @@ class CompressResult:
     fold: FoldRecord
     solution: Solution
     notes: list[str] = field(default_factory=list)
+    int8: Int8Record | None = None  # set when activations="uint8"
 
 
 def collect_layers(model: onnx.ModelProto) -> dict[str, Layer]:
@@ -96,6 +98,9 @@ def analyze(model: onnx.ModelProto, config: CompressConfig):
 def compress_model(model: onnx.ModelProto, config: CompressConfig) -> CompressResult:
     """Compress a loaded model in memory (the input is not modified)."""
     notes: list[str] = []
+    if config.activations == "uint8" and not config.symmetric:
+        config = config.replace(symmetric=True)
+        notes.append("uint8 activations need symmetric weights (zero point 0, what QLinearConv takes): using symmetric")
     model = _prepare(model, config, notes)
     folded, stats, raw_filters, plan, fold_record = analyze(model, config)
     layers = collect_layers(folded)
@@ -111,7 +116,13 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig) -> CompressRe
     plan.units = [u for u in plan.units if u.unit.producer in layers and all(c.node in layers for c in u.unit.consumers)]
     solution = solve_plan(plan, arrays, layers, stats, raw_filters, config)
     rewritten, _ = apply_arrays(folded, solution.arrays, layers)
-    if solution.quantized:
+    int8 = None
+    if config.activations == "uint8" or config.int4_storage:
+        keep = {up.unit.producer: up.keep for up in plan.units}
+        rewritten, int8 = quantize_activations(rewritten, solution.quantized, layers, stats, keep, config)
+        notes.append(f"int8: {len(int8.int8_layers)} Conv/Gemm with uint8 activations, {len(int8.weight_only)} weight-only; "
+                     f"ranges from {int8.range_source}")
+    elif solution.quantized:
         rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers)
     rewritten.metadata_props.add(key="udfc_onnx.version", value=__version__)
     rewritten.metadata_props.add(key="udfc_onnx.config", value=str(config.to_dict()))
@@ -119,7 +130,7 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig) -> CompressRe
         rewritten = onnx.shape_inference.infer_shapes(rewritten)
     except Exception as exc:  # shapes are a convenience for viewers; ORT does not need them
         notes.append(f"shape inference failed on the output: {exc}")
-    return CompressResult(rewritten, plan, fold_record, solution, notes)
+    return CompressResult(rewritten, plan, fold_record, solution, notes, int8)
 
 
 def _write_atomic(model: onnx.ModelProto, out_path: Path) -> Path:
@@ -168,6 +179,7 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         if not check.passed:
             raise ValidationError(f"compressed model failed its check: {check.message}")
         after = ModelInfo.collect(result.model, tmp.stat().st_size)
+        fusion = _check_fusion(tmp, config, result.notes)
         os.replace(tmp, dst)
     finally:
         if tmp.exists():
@@ -175,4 +187,17 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     return Report(str(src), str(dst), before, after, config.to_dict(),
                   units=[asdict(u) for u in result.solution.units],
                   skipped=[asdict(s) for s in result.plan.skipped],
-                  validation=check.to_dict(), elapsed_s=time.perf_counter() - start, notes=result.notes)
+                  validation=check.to_dict(), elapsed_s=time.perf_counter() - start, notes=result.notes,
+                  fusion=fusion)
+
+
+def _check_fusion(path: Path, config: CompressConfig, notes: list[str]) -> dict:
+    """What ORT's optimiser fused in the written model (only when weights were quantized)."""
+    if config.weight_bits is None:
+        return {}
+    try:
+        fusion = check_fusion(path, int4_storage=config.int4_storage)
+    except Exception as exc:  # the output already passed validation; this is information only
+        notes.append(f"ORT fusion check failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+        return {}
+    return dict(asdict(fusion), summary=fusion.summary())

@@ -116,6 +116,7 @@ class Report:
     validation: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     notes: list = field(default_factory=list)
+    fusion: dict = field(default_factory=dict)  # udfc_onnx.int8.FusionReport as a dict, plus "summary"
 
     @property
     def channels_removed(self) -> int:
@@ -158,5 +159,8 @@ def render_table(report: Report) -> str:
         out.append(f"check: {v.get('message')}; vs original on {v.get('n_samples')} random inputs: max|diff| "
                    f"{v.get('max_abs', float('nan')):.3g} (rel {v.get('max_rel', float('nan')):.3g}), cosine "
                    f"{v.get('cosine', float('nan')):.4f}, top-1 agreement {v.get('top1_agreement', float('nan')):.2f}")
+    if report.fusion:
+        out.append(report.fusion["summary"])
+        out += [f"warning: {w}" for w in report.fusion.get("warnings", [])]
     out.append(f"elapsed: {report.elapsed_s:.2f} s")
     return "\n".join(out)
