@@ -62,7 +62,7 @@ class CompressConfig:
     # activations : {"float", "uint8"}, default="float"
     #     "uint8" writes full QDQ (uint8 activations, int8 symmetric weights, int32 bias) that ORT
     #     fuses into QLinearConv/QGemm/QLinearAdd...; "float" writes weight-only QDQ (smaller, not faster).
-    # activation_sigmas : float, default=4.0
+    # activation_sigmas : float, default=6.0
     #     Data-free activation range: mu_c +- n sigma_c from BN statistics (measured, see README).
     # calibration : str or None
     #     npz of samples; per-tensor min/max from ORT replace the data-free ranges.
@@ -71,7 +71,7 @@ class CompressConfig:
     # int4_storage : bool
     #     Store 2..4-bit weights as INT4 (opset 21): smaller file, runs slower (ORT does not fuse INT4).
     activations: str = "float"
-    activation_sigmas: float = 4.0
+    activation_sigmas: float = 6.0
     calibration: str | None = None
     calibration_norm: str | None = None
     int4_storage: bool = False

@@ -145,6 +145,11 @@ def estimate_dists(model: onnx.ModelProto, stats: dict[str, BNStats], keep: dict
     """
     keep = keep or {}
     view = GraphView(model)
+    # A BN left in the graph (not foldable) describes its own output, not its layer's.
+    present = {n.name for n in model.graph.node if n.op_type == "BatchNormalization"}
+    by_bn = {st.bn_node: st for st in stats.values()}
+    stats = {k: st for k, st in stats.items() if st.bn_node not in present}
+    stats.update({name: by_bn[name] for name in present if name in by_bn})
     dists: dict[str, Dist] = {}
     for inp in model.graph.input:
         if inp.name not in view.initializers and inp.type.tensor_type.elem_type == TensorProto.FLOAT:
@@ -579,7 +584,7 @@ class FusionReport:
                 f"Gemm/MatMul -> int8; int8 kernels: {ops}; unfused Q/DQ on activations: {self.leftover_q}/{self.leftover_dq}")
 
 
-def check_fusion(model_path: str | os.PathLike, *, int4_storage: bool = False) -> FusionReport:
+def check_fusion(model_path: str | os.PathLike) -> FusionReport:
     """Let ORT optimise ``model_path`` on the CPU provider and count what it fused.
 
     Warns (in ``FusionReport.warnings``) when the written patterns run slower than float:
@@ -592,6 +597,7 @@ def check_fusion(model_path: str | os.PathLike, *, int4_storage: bool = False) -
     report = FusionReport()
     report.convs = sum(n.op_type == "Conv" for n in written.graph.node)
     report.gemms = sum(n.op_type in ("Gemm", "MatMul") for n in written.graph.node)
+    int4_storage = any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in written.graph.initializer)
     del written
     fd, optimized_path = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)

@@ -196,7 +196,7 @@ def _check_fusion(path: Path, config: CompressConfig, notes: list[str]) -> dict:
     if config.weight_bits is None:
         return {}
     try:
-        fusion = check_fusion(path, int4_storage=config.int4_storage)
+        fusion = check_fusion(path)
     except Exception as exc:  # the output already passed validation; this is information only
         notes.append(f"ORT fusion check failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
         return {}
