@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .activations import INPUT_DIST, Dist, uint8_params
 from .compensate import Layer
-from .graph import GraphView, attribute, remove_unused
+from .graph import GraphView, attribute, remove_unused, set_initializer
 from .quant import QuantizedTensor
 from .stats import BNStats
 
@@ -123,7 +123,7 @@ def _input_channels(value_info: onnx.ValueInfoProto) -> int:
 
 
 def estimate_dists(model: onnx.ModelProto, stats: dict[str, BNStats], keep: dict[str, Iterable[int]] | None = None,
-                   *, pool_variance: float = POOL_VARIANCE) -> dict[str, Dist]:
+                   *, pool_variance: float = POOL_VARIANCE, arrays: dict[str, np.ndarray] | None = None) -> dict[str, Dist]:
     """Per-channel Gaussian description of every activation tensor, from BN statistics only.
 
     Parameters
@@ -137,6 +137,9 @@ def estimate_dists(model: onnx.ModelProto, stats: dict[str, BNStats], keep: dict
         Kept output channels of each pruned producer (its BN statistics are sliced to them).
     pool_variance : float
         Variance factor of an average pool.
+    arrays : dict of str to ndarray, optional
+        Current values of initializers that the model itself may still hold stale (the pipeline
+        does not write float weights that are about to be replaced by integers).
 
     Returns
     -------
@@ -144,7 +147,7 @@ def estimate_dists(model: onnx.ModelProto, stats: dict[str, BNStats], keep: dict
         Keyed by tensor name; tensors whose distribution cannot be derived are absent.
     """
     keep = keep or {}
-    view = GraphView(model)
+    view = _ArrayView(model, arrays or {})
     # A BN left in the graph (not foldable) describes its own output, not its layer's.
     present = {n.name for n in model.graph.node if n.op_type == "BatchNormalization"}
     by_bn = {st.bn_node: st for st in stats.values()}
@@ -161,13 +164,29 @@ def estimate_dists(model: onnx.ModelProto, stats: dict[str, BNStats], keep: dict
     return dists
 
 
-def _layer_out_channels(view: GraphView, node: onnx.NodeProto) -> int | None:
-    w = view.initializers.get(node.input[1]) if len(node.input) > 1 else None
-    if w is None:
+class _ArrayView(GraphView):
+    """GraphView whose ``array`` prefers values given aside over the model's own initializers."""
+
+    def __init__(self, model: onnx.ModelProto, arrays: dict[str, np.ndarray]):
+        super().__init__(model)
+        self.overrides = arrays
+
+    def array(self, name: str) -> np.ndarray:
+        return self.overrides[name] if name in self.overrides else super().array(name)
+
+    def dims(self, name: str) -> list[int] | None:
+        if name in self.overrides:
+            return list(self.overrides[name].shape)
+        return list(self.initializers[name].dims) if name in self.initializers else None
+
+
+def _layer_out_channels(view: _ArrayView, node: onnx.NodeProto) -> int | None:
+    dims = view.dims(node.input[1]) if len(node.input) > 1 else None
+    if not dims:
         return None
     if node.op_type == "Gemm" and not attribute(node, "transB", 0):
-        return int(w.dims[1])
-    return int(w.dims[0])
+        return int(dims[1])
+    return int(dims[0])
 
 
 def _node_dist(view, node, dists, stats, keep, pool_variance) -> Dist | None:
@@ -257,7 +276,7 @@ def load_calibration(path: str | os.PathLike, input_name: str, norm: str | None 
 
 
 def calibrate_ranges(model: onnx.ModelProto, inputs: np.ndarray, tensors: Iterable[str], *,
-                     batch: int = 32) -> dict[str, tuple[float, float]]:
+                     batch: int = 32, arrays: dict[str, np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
     """Per-tensor min/max of ``tensors`` over ``inputs`` (ORT MinMax calibration).
 
     Parameters
@@ -268,6 +287,8 @@ def calibrate_ranges(model: onnx.ModelProto, inputs: np.ndarray, tensors: Iterab
         Preprocessed samples.
     tensors : iterable of str
         Intermediate tensors to observe.
+    arrays : dict of str to ndarray, optional
+        Initializer values to use instead of the model's own (see :func:`estimate_dists`).
 
     Returns
     -------
@@ -277,6 +298,8 @@ def calibrate_ranges(model: onnx.ModelProto, inputs: np.ndarray, tensors: Iterab
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    for name, value in (arrays or {}).items():
+        set_initializer(probe, name, value)
     existing = {o.name for o in probe.graph.output}
     graph_inputs = {i.name for i in probe.graph.input}
     names = [t for t in dict.fromkeys(tensors) if t and t not in graph_inputs]
@@ -646,7 +669,8 @@ def check_fusion(model_path: str | os.PathLike) -> FusionReport:
 # The pass the pipeline calls
 # ----------------------------------------------------------------------------------------------
 def quantize_activations(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor], layers: dict[str, Layer],
-                         stats: dict[str, BNStats], keep: dict[str, Iterable[int]], config) -> tuple[onnx.ModelProto, Int8Record]:
+                         stats: dict[str, BNStats], keep: dict[str, Iterable[int]], config,
+                         arrays: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, Int8Record]:
     """Ranges (from BN statistics, or calibration samples when configured), then full QDQ.
 
     Parameters
@@ -659,6 +683,8 @@ def quantize_activations(model: onnx.ModelProto, quantized: dict[str, QuantizedT
     keep : dict of str to sequence of int
         Kept channels of each pruned producer.
     config : CompressConfig
+    arrays : dict of str to ndarray, optional
+        Solved float weights the model does not hold (see :func:`estimate_dists`).
 
     Raises
     ------
@@ -670,13 +696,14 @@ def quantize_activations(model: onnx.ModelProto, quantized: dict[str, QuantizedT
 
         if default_opset(model) < INT4_OPSET:
             model = onnx.version_converter.convert_version(model, INT4_OPSET)
-    dists = estimate_dists(model, stats, keep)
+    dists = estimate_dists(model, stats, keep, arrays=arrays)
     if config.activations != "uint8":  # INT4 weight-only storage
         ranges, source = {}, "none (float activations)"
     elif config.calibration:
         input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
         samples = load_calibration(config.calibration, input_name, config.calibration_norm)
-        ranges = calibrate_ranges(model, samples, list(dists) + [n.output[0] for n in model.graph.node if n.output])
+        ranges = calibrate_ranges(model, samples, list(dists) + [n.output[0] for n in model.graph.node if n.output],
+                                  arrays=arrays)
         source = f"calibration ({len(samples)} samples, min/max)"
     else:
         ranges = data_free_ranges(dists, config.activation_sigmas)

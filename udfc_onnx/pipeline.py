@@ -69,9 +69,12 @@ def collect_layers(model: onnx.ModelProto) -> dict[str, Layer]:
     return layers
 
 
-def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str]) -> onnx.ModelProto:
-    model_copy = onnx.ModelProto()
-    model_copy.CopyFrom(model)
+def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str], *, inplace: bool = False) -> onnx.ModelProto:
+    if inplace:
+        model_copy = model
+    else:
+        model_copy = onnx.ModelProto()
+        model_copy.CopyFrom(model)
     renamed = ensure_node_names(model_copy)
     if renamed:
         notes.append(f"named {renamed} unnamed or duplicate nodes")
@@ -82,27 +85,37 @@ def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str]) -
     return model_copy
 
 
-def analyze(model: onnx.ModelProto, config: CompressConfig):
-    """Read stats, fold BN and plan, without solving: (folded model, stats, raw filters, plan, fold record)."""
+def analyze(model: onnx.ModelProto, config: CompressConfig, *, inplace: bool = False):
+    """Read stats, fold BN and plan, without solving: (folded model, stats, raw filters, plan, fold record).
+
+    ``inplace=True`` folds ``model`` itself instead of a copy.
+    """
     stats = read_bn_stats(model)
     view = GraphView(model)
     raw_filters = {n.name: view.array(n.input[1]) for n in model.graph.node
                    if n.op_type == "Conv" and view.is_constant(n.input[1])}
-    folded, fold_record = fold_batchnorm(model)
+    folded, fold_record = fold_batchnorm(model, inplace=inplace)
     units, skipped = find_units(folded)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
                      weight_bits=config.weight_bits)
     return folded, stats, raw_filters, plan, fold_record
 
 
-def compress_model(model: onnx.ModelProto, config: CompressConfig) -> CompressResult:
-    """Compress a loaded model in memory (the input is not modified)."""
+def compress_model(model: onnx.ModelProto, config: CompressConfig, *, inplace: bool = False) -> CompressResult:
+    """Compress a loaded model in memory.
+
+    The input is not modified, unless ``inplace=True``: then it is consumed (edited by the passes
+    and left meaningless), which saves full-model copies on large models.
+    """
     notes: list[str] = []
     if config.activations == "uint8" and not config.symmetric:
         config = config.replace(symmetric=True)
         notes.append("uint8 activations need symmetric weights (zero point 0, what QLinearConv takes): using symmetric")
-    model = _prepare(model, config, notes)
-    folded, stats, raw_filters, plan, fold_record = analyze(model, config)
+    model = _prepare(model, config, notes, inplace=inplace)
+    # From here on ``model`` is private to this call: the passes edit it instead of copying it.
+    folded, stats, raw_filters, plan, fold_record = analyze(model, config, inplace=True)
+    if config.method != "nm":  # raw filters were needed for the ranking only; free them before solving
+        raw_filters = {}
     layers = collect_layers(folded)
     view = GraphView(folded)
     arrays: dict[str, np.ndarray] = {}
@@ -115,11 +128,16 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig) -> CompressRe
             arrays[layer.bias] = np.zeros(out_ch, arrays[layer.weight].dtype)
     plan.units = [u for u in plan.units if u.unit.producer in layers and all(c.node in layers for c in u.unit.consumers)]
     solution = solve_plan(plan, arrays, layers, stats, raw_filters, config)
-    rewritten, _ = apply_arrays(folded, solution.arrays, layers)
+    del arrays, raw_filters  # unchanged weights stay in the model; changed ones are in the solution
+    # Float weights about to be replaced by integers are not written (saves a model-sized copy);
+    # their initializers keep stale values until the QDQ pass drops them.
+    to_write = {k: v for k, v in solution.arrays.items() if k not in solution.quantized}
+    rewritten, _ = apply_arrays(folded, to_write, layers, inplace=True)
     int8 = None
     if config.activations == "uint8" or config.int4_storage:
         keep = {up.unit.producer: up.keep for up in plan.units}
-        rewritten, int8 = quantize_activations(rewritten, solution.quantized, layers, stats, keep, config)
+        rewritten, int8 = quantize_activations(rewritten, solution.quantized, layers, stats, keep, config,
+                                               arrays=solution.arrays)
         notes.append(f"int8: {len(int8.int8_layers)} Conv/Gemm with uint8 activations, {len(int8.weight_only)} weight-only; "
                      f"ranges from {int8.range_source}")
     elif solution.quantized:
@@ -131,6 +149,23 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig) -> CompressRe
     except Exception as exc:  # shapes are a convenience for viewers; ORT does not need them
         notes.append(f"shape inference failed on the output: {exc}")
     return CompressResult(rewritten, plan, fold_record, solution, notes, int8)
+
+
+# Random-input check budget: multiply-accumulates of the original over all samples (8 CIFAR
+# ResNets, 3 ResNet-50 images at 224x224), so validating a large model stays a fraction of a run.
+VALIDATION_MACS = 16e9
+
+
+def _interface(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model's real inputs and outputs, without nodes or weights (what validation needs to make feeds)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.graph.name = model.graph.name
+    out.graph.input.extend(i for i in model.graph.input if i.name not in inits)
+    out.graph.output.extend(model.graph.output)
+    return out
 
 
 def _write_atomic(model: onnx.ModelProto, out_path: Path) -> Path:
@@ -171,11 +206,15 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         raise InvalidConfigError(f"output directory {dst.parent} does not exist or is not writable")
     model = load_model(src)
     before = ModelInfo.collect(model, src.stat().st_size)
-    result = compress_model(model, config)
+    interface = _interface(model)
+    # The loaded model is handed over (no copy) and dropped: validation reads the original from its file.
+    result = compress_model(model, config, inplace=True)
+    del model
     tmp = _write_atomic(result.model, dst)
     try:
         lossless = config.prune_ratio == 0 and config.weight_bits is None
-        check = validate_file(model, str(tmp), exact=lossless, n_samples=check_samples)
+        samples = max(1, min(check_samples, int(VALIDATION_MACS // max(before.macs, 1))))
+        check = validate_file(interface, str(tmp), exact=lossless, n_samples=samples, reference_path=str(src))
         if not check.passed:
             raise ValidationError(f"compressed model failed its check: {check.message}")
         after = ModelInfo.collect(result.model, tmp.stat().st_size)

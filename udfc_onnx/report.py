@@ -19,8 +19,7 @@ def _dims(shape) -> list[int] | None:
 
 def _fixed_shapes(model: onnx.ModelProto, spatial: int) -> dict[str, list[int]]:
     """Shapes of every tensor with batch 1 and unknown spatial dims set to ``spatial``."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = _without_large_initializers(model)
     inits = {t.name for t in m.graph.initializer}
     for inp in m.graph.input:
         if inp.name in inits:
@@ -42,6 +41,33 @@ def _fixed_shapes(model: onnx.ModelProto, spatial: int) -> dict[str, list[int]]:
     for t in m.graph.initializer:
         shapes[t.name] = list(t.dims)
     return shapes
+
+
+def _without_large_initializers(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
+    """A copy whose large initializers are graph inputs of the same type and shape.
+
+    Shape inference only needs their shapes (small ones, such as Reshape targets, keep their
+    values), so a 100 MB model is not copied and serialised twice just to count MACs.
+    """
+    m = onnx.ModelProto()
+    graph = model.graph
+    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(m, field_name, getattr(model, field_name))
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    g = m.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    names = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if t.ByteSize() <= max_bytes:
+            g.initializer.append(t)
+        elif t.name not in names:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
 
 
 @dataclass

@@ -72,7 +72,8 @@ def run_model(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[
 
 def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: bool, rtol: float = 1e-4,
                   atol: float = 1e-4, n_samples: int = 8, seed: int = 0,
-                  shape_overrides: dict[str, list[int]] | None = None) -> ValidationResult:
+                  shape_overrides: dict[str, list[int]] | None = None,
+                  reference_path: str | None = None) -> ValidationResult:
     """Check ``candidate_path`` and compare it with ``reference`` on random inputs.
 
     Parameters
@@ -81,6 +82,9 @@ def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: boo
         The input model.
     candidate_path : str
         The written output (checked from the file, as a user will load it).
+    reference_path : str, optional
+        The original's file: ORT loads it from there, and ``reference`` only supplies the graph
+        inputs (it may be a model without initializers; saves serialising a large model).
     exact : bool
         Require ``|cand - ref| <= atol + rtol * max|ref|`` (lossless settings); otherwise
         deviations are measured and reported, and only non-finite or misshapen outputs fail.
@@ -91,7 +95,7 @@ def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: boo
         return ValidationResult(False, f"onnx.checker rejects the output: {str(exc).strip().splitlines()[0]}")
     try:
         cand = session(candidate_path)
-        ref = session(reference)
+        ref = session(reference_path if reference_path is not None else reference)
     except Exception as exc:
         return ValidationResult(False, f"onnxruntime cannot load the output: {str(exc).strip().splitlines()[0]}")
     rng = np.random.default_rng(seed)
