@@ -11,6 +11,7 @@ from tests.graphs import conv_chain
 from udfc_onnx import CompressConfig, InvalidConfigError, compress_model
 from udfc_onnx.activations import ADD_CORRELATION, Dist, rectified_moments, uint8_params
 from udfc_onnx.cli import main
+from udfc_onnx.graph import GraphView, set_initializer
 from udfc_onnx.int8 import calibrate_ranges, check_fusion, estimate_dists, load_calibration
 from udfc_onnx.pipeline import analyze
 
@@ -224,3 +225,18 @@ def test_calibration_sees_the_pruned_weights(tmp_path, rng):
     calibrated = compress_model(model, CompressConfig(**pruned, calibration=str(tmp_path / "calib.npz")))
     data_free = compress_model(model, CompressConfig(**pruned))
     assert cosine(run(calibrated.model, x), run(data_free.model, x)) > 0.99
+
+
+def test_input_scale_is_read_from_the_first_bn(tmp_path, rng):
+    # A model that expects raw-scale inputs (x100): its first Conv is 100x smaller, the BN statistics
+    # are unchanged. The N(0, 1) assumption would clip such inputs at +-3; the first BN tells the scale.
+    model = build_conv_chain()
+    view = GraphView(model)
+    first = view.consumers["input"][0]
+    set_initializer(model, first.input[1], view.array(first.input[1]) / 100)
+    folded, stats, _, _, _ = analyze(model, CompressConfig(weight_bits=None))
+    lo, hi = estimate_dists(folded, stats)["input"].range(6.0)
+    assert 200 < hi < 600 and -600 < lo < -200  # mean 0, s ~ 100, bounded at 3 s (loose: BN of 16 images)
+    result = compress_model(model, CompressConfig(**W8A8))
+    x = (100 * rng.standard_normal((4, 3, 32, 32))).astype(np.float32)
+    assert cosine(run(result.model, x), run(model, x)) > 0.99

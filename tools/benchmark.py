@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -52,9 +53,10 @@ _LOAD_SAVE = ("import sys, time, onnx\n"
               "print('ELAPSED', time.perf_counter() - t)")
 
 
-def measured(cmd: list[str]) -> dict:
+def measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd`` in a fresh wrapper: exit code, wall seconds, peak RSS (MB), stdout."""
-    proc = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})})
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("WRAP ")][-1].split()
     return {"rc": int(line[1]), "wall_s": float(line[2]), "peak_mb": int(line[3]) / 1024, "stdout": proc.stdout,
             "stderr": proc.stderr}
@@ -63,6 +65,9 @@ def measured(cmd: list[str]) -> dict:
 def session(path: str, provider: str) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Interleaved sessions: without this, one session's worker threads still spin-wait while the
+    # next session runs and steal its cores (both models get the same setting).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, opts, providers=[provider])
 
 
@@ -103,6 +108,8 @@ def main(argv=None) -> int:
                    help="ORT execution provider for the latency runs, e.g. CUDAExecutionProvider")
     p.add_argument("--resnet50", default=None, help="existing synthetic ResNet-50 .onnx (default: build one)")
     p.add_argument("--out-dir", default=None, help="where compressed models go (default: a temporary folder)")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="OPENBLAS_NUM_THREADS for the compressor runs (default: unset)")
     args = p.parse_args(argv)
     if args.provider not in ort.get_available_providers():
         print(f"benchmark: {args.provider} is not available in this onnxruntime "
@@ -124,7 +131,8 @@ def main(argv=None) -> int:
             p.error(f"unknown model {name}")
     wanted = set(args.settings.split(",")) if args.settings else None
 
-    rows, cost_rows = [], []
+    rows, cost_rows, time_rows = [], [], []
+    env = {"OPENBLAS_NUM_THREADS": str(args.blas_threads)} if args.blas_threads else {}
     print(f"onnxruntime {ort.__version__}, provider {args.provider}, batches {batches}; ratios are compressed/original")
     for name, src in models.items():
         size_mb = src.stat().st_size / 1e6
@@ -146,7 +154,7 @@ def main(argv=None) -> int:
             dst = out_dir / f"{name}_{setting}.onnx"
             report_path = out_dir / f"{name}_{setting}.json"
             run = measured([sys.executable, "-m", "udfc_onnx", str(src), str(dst), *SETTINGS[setting],
-                            "--report", str(report_path), "-q"])
+                            "--report", str(report_path), "-q"], env)
             if run["rc"] != 0:
                 print(f"{name} {setting}: compressor failed (exit {run['rc']}): {run['stderr'].strip()}", file=sys.stderr)
                 continue
@@ -155,6 +163,7 @@ def main(argv=None) -> int:
             fused = f"{fusion.get('fused_convs', 0)}/{fusion.get('convs', 0)}" if fusion else "n/a"
             cost_rows.append((name, setting, f"{report['elapsed_s']:.2f}", f"{report['elapsed_s'] / base_s:.2f}",
                               f"{run['wall_s']:.2f}", f"{run['peak_mb']:.0f}", f"{run['peak_mb'] / size_mb:.2f}"))
+            time_rows.append((name, setting, "; ".join(f"{k} {v:.2f}" for k, v in report.get("timings", {}).items())))
             lat = []
             for b in batches:
                 t_orig, t_comp = latency([str(src), str(dst)], b, reps, args.provider)
@@ -175,6 +184,9 @@ def main(argv=None) -> int:
     print("\n| model | run | in-process s | x load+save | subprocess wall s | peak RSS MB | peak / file size |")
     print("|---|---|---|---|---|---|---|")
     for r in cost_rows:
+        print("| " + " | ".join(r) + " |")
+    print("\n| model | setting | where the compressor's time goes (s) |\n|---|---|---|")
+    for r in time_rows:
         print("| " + " | ".join(r) + " |")
     print(f"\nfile sizes: " + ", ".join(f"{n} {p.stat().st_size / 1e6:.1f} MB" for n, p in models.items()))
     print(f"outputs in {out_dir}")

@@ -10,7 +10,9 @@ their moments propagated through the graph:
     AvgPool   mean kept, variance times ``pool_variance`` (spatial averaging of correlated
               values removes less than 1/k of the variance; 1.0 is the no-reduction bound)
     Conv/Gemm without a BN: mean W*mu + b, variance sum W^2 sigma^2 (independent inputs)
-    input     N(0, 1) per channel: the usual standard normalisation of the model input
+    input     mean and scale read back from the BN after the first Conv (int8.py), bounded at
+              mean +- 3 scale (images are bounded); without such a BN, N(0, 1) within +-3, the
+              usual standard normalisation of an image input
 
 A tensor's uint8 range is [lo, hi] = [min_c(mu_c - n sigma_c), max_c(mu_c + n sigma_c)], clipped
 to [0, .] after a ReLU and to the Clip bounds after a Clip, and widened to include 0 so that
@@ -28,6 +30,9 @@ __all__ = ["Dist", "uint8_params", "rectified_moments", "INPUT_DIST"]
 # Correlation assumed between the two inputs of an Add (a residual branch is computed from the
 # shortcut it is added to, so they are not independent); measured, see README.
 ADD_CORRELATION = 0.5
+# Bound of a normalised image input: (0 - mean)/std and (1 - mean)/std of the usual ImageNet and
+# CIFAR statistics lie within [-2.5, 2.8], so +-3 loses nothing and keeps the input grid fine.
+INPUT_BOUND = 3.0
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
 _erf = np.vectorize(math.erf, otypes=[np.float64])  # scipy is not a runtime dependency
@@ -185,8 +190,8 @@ def _mixture(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def INPUT_DIST(channels: int) -> Dist:  # noqa: N802 (a constructor for the standard input assumption)
-    """N(0, 1) per channel: a model input after the usual mean/std normalisation."""
-    return Dist(np.zeros(channels), np.ones(channels), source="input")
+    """N(0, 1) per channel, within +-INPUT_BOUND: a model input after the usual mean/std normalisation."""
+    return Dist(np.zeros(channels), np.ones(channels), floor=-INPUT_BOUND, cap=INPUT_BOUND, source="input")
 
 
 def uint8_params(lo: float, hi: float) -> tuple[float, int]:

@@ -156,7 +156,7 @@ def estimate_dists(model: onnx.ModelProto, stats: dict[str, BNStats], keep: dict
     dists: dict[str, Dist] = {}
     for inp in model.graph.input:
         if inp.name not in view.initializers and inp.type.tensor_type.elem_type == TensorProto.FLOAT:
-            dists[inp.name] = INPUT_DIST(_input_channels(inp))
+            dists[inp.name] = _input_dist(view, inp, stats) or INPUT_DIST(_input_channels(inp))
     for node in model.graph.node:
         out = _node_dist(view, node, dists, stats, keep, pool_variance)
         if out is not None and node.output and node.output[0]:
@@ -178,6 +178,40 @@ class _ArrayView(GraphView):
         if name in self.overrides:
             return list(self.overrides[name].shape)
         return list(self.initializers[name].dims) if name in self.initializers else None
+
+
+def _input_dist(view: GraphView, inp: onnx.ValueInfoProto, stats: dict[str, BNStats]) -> Dist | None:
+    """The input's moments read back from the BN after the first Conv that reads it.
+
+    That BN's running mean and variance are statistics of ``W * x + b`` over the training inputs:
+    the mean gives E[x] per channel by least squares, and the variance the input's scale under a
+    white-noise model, ``var_c ~ s^2 ||w_c||^2`` (median over channels). Images are bounded, so the
+    range is mean +- 3 s rather than a Gaussian tail. This is what keeps an input that was not
+    normalised to N(0, 1) (raw 0..255 pixels, say) from being clipped.
+    """
+    for node in view.consumers.get(inp.name, []):
+        st = stats.get(node.name)
+        if node.op_type != "Conv" or node.input[0] != inp.name or st is None or int(attribute(node, "group", 1)) != 1:
+            continue
+        if not view.is_constant(node.input[1]):
+            continue
+        w = view.array(node.input[1]).astype(np.float64)
+        if w.shape[0] != len(st.mean):
+            continue
+        bias = _const_value(view, node.input[2]) if len(node.input) > 2 else None
+        # The BN statistics are of the raw conv output: undo nothing, the conv bias shifts the mean only.
+        target = st.mean - (np.asarray(bias, np.float64).reshape(-1) if bias is not None else 0.0)
+        mean = np.linalg.lstsq(w.sum(axis=tuple(range(2, w.ndim))), target, rcond=None)[0]
+        norms = (w.reshape(w.shape[0], -1) ** 2).sum(1)
+        live = norms > 1e-12
+        if not live.any():
+            continue
+        scale = float(np.sqrt(np.median(st.var[live] / norms[live])))
+        if not (np.all(np.isfinite(mean)) and math.isfinite(scale) and scale > 0):
+            continue
+        return Dist(mean, np.full(len(mean), scale), floor=float(mean.min()) - 3 * scale,
+                    cap=float(mean.max()) + 3 * scale, source="input (from the first BN)")
+    return None
 
 
 def _layer_out_channels(view: _ArrayView, node: onnx.NodeProto) -> int | None:
@@ -707,7 +741,9 @@ def quantize_activations(model: onnx.ModelProto, quantized: dict[str, QuantizedT
         source = f"calibration ({len(samples)} samples, min/max)"
     else:
         ranges = data_free_ranges(dists, config.activation_sigmas)
-        source = f"BN statistics, mu +- {config.activation_sigmas:g} sigma, input ~ N(0, 1)"
+        inputs = ", ".join(f"{d.source} [{lo:.3g}, {hi:.3g}]" for name, d in dists.items()
+                           if d.source.startswith("input") for lo, hi in [d.range(config.activation_sigmas)])
+        source = f"BN statistics, mu +- {config.activation_sigmas:g} sigma; {inputs or 'no float input'}"
     model, record = emit_int8_qdq(model, quantized, layers, ranges, int4_storage=config.int4_storage)
     record.range_source = source
     return model, record

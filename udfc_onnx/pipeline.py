@@ -46,6 +46,7 @@ class CompressResult:
     solution: Solution
     notes: list[str] = field(default_factory=list)
     int8: Int8Record | None = None  # set when activations="uint8"
+    timings: dict = field(default_factory=dict)  # seconds per pass
 
 
 def collect_layers(model: onnx.ModelProto) -> dict[str, Layer]:
@@ -108,6 +109,7 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, inplace: b
     and left meaningless), which saves full-model copies on large models.
     """
     notes: list[str] = []
+    clock = _Clock()
     if config.activations == "uint8" and not config.symmetric:
         config = config.replace(symmetric=True)
         notes.append("uint8 activations need symmetric weights (zero point 0, what QLinearConv takes): using symmetric")
@@ -116,6 +118,7 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, inplace: b
     folded, stats, raw_filters, plan, fold_record = analyze(model, config, inplace=True)
     if config.method != "nm":  # raw filters were needed for the ranking only; free them before solving
         raw_filters = {}
+    clock.lap("analyze (fold BN, units, plan)")
     layers = collect_layers(folded)
     view = GraphView(folded)
     arrays: dict[str, np.ndarray] = {}
@@ -127,7 +130,9 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, inplace: b
             out_ch = layer.out_major(arrays[layer.weight]).shape[0]
             arrays[layer.bias] = np.zeros(out_ch, arrays[layer.weight].dtype)
     plan.units = [u for u in plan.units if u.unit.producer in layers and all(c.node in layers for c in u.unit.consumers)]
+    clock.lap("read weights")
     solution = solve_plan(plan, arrays, layers, stats, raw_filters, config)
+    clock.lap("solve")
     del arrays, raw_filters  # unchanged weights stay in the model; changed ones are in the solution
     # Float weights about to be replaced by integers are not written (saves a model-sized copy);
     # their initializers keep stale values until the QDQ pass drops them.
@@ -142,13 +147,28 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, inplace: b
                      f"ranges from {int8.range_source}")
     elif solution.quantized:
         rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers)
+    clock.lap("rewrite + QDQ")
     rewritten.metadata_props.add(key="udfc_onnx.version", value=__version__)
     rewritten.metadata_props.add(key="udfc_onnx.config", value=str(config.to_dict()))
     try:
         rewritten = onnx.shape_inference.infer_shapes(rewritten)
     except Exception as exc:  # shapes are a convenience for viewers; ORT does not need them
         notes.append(f"shape inference failed on the output: {exc}")
-    return CompressResult(rewritten, plan, fold_record, solution, notes, int8)
+    clock.lap("shape inference")
+    return CompressResult(rewritten, plan, fold_record, solution, notes, int8, clock.laps)
+
+
+class _Clock:
+    """Seconds spent between successive ``lap`` calls, by label."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, label: str) -> None:
+        now = time.perf_counter()
+        self.laps[label] = self.laps.get(label, 0.0) + now - self._last
+        self._last = now
 
 
 # Random-input check budget: multiply-accumulates of the original over all samples (8 CIFAR
@@ -204,21 +224,30 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         raise InvalidConfigError(f"output path {dst} is a directory")
     if not dst.parent.exists() or not os.access(dst.parent if str(dst.parent) else ".", os.W_OK):
         raise InvalidConfigError(f"output directory {dst.parent} does not exist or is not writable")
+    clock = _Clock()
     model = load_model(src)
+    clock.lap("load + check input")
     before = ModelInfo.collect(model, src.stat().st_size)
     interface = _interface(model)
+    clock.lap("report (before)")
     # The loaded model is handed over (no copy) and dropped: validation reads the original from its file.
     result = compress_model(model, config, inplace=True)
     del model
+    timings = {**clock.laps, **result.timings}
+    clock = _Clock()
     tmp = _write_atomic(result.model, dst)
+    clock.lap("write")
     try:
         lossless = config.prune_ratio == 0 and config.weight_bits is None
         samples = max(1, min(check_samples, int(VALIDATION_MACS // max(before.macs, 1))))
         check = validate_file(interface, str(tmp), exact=lossless, n_samples=samples, reference_path=str(src))
+        clock.lap("validate (checker, ORT, random inputs)")
         if not check.passed:
             raise ValidationError(f"compressed model failed its check: {check.message}")
         after = ModelInfo.collect(result.model, tmp.stat().st_size)
+        clock.lap("report (after)")
         fusion = _check_fusion(tmp, config, result.notes)
+        clock.lap("ORT fusion check")
         os.replace(tmp, dst)
     finally:
         if tmp.exists():
@@ -227,7 +256,7 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
                   units=[asdict(u) for u in result.solution.units],
                   skipped=[asdict(s) for s in result.plan.skipped],
                   validation=check.to_dict(), elapsed_s=time.perf_counter() - start, notes=result.notes,
-                  fusion=fusion)
+                  fusion=fusion, timings={**timings, **clock.laps})
 
 
 def _check_fusion(path: Path, config: CompressConfig, notes: list[str]) -> dict:

@@ -143,6 +143,7 @@ class Report:
     elapsed_s: float = 0.0
     notes: list = field(default_factory=list)
     fusion: dict = field(default_factory=dict)  # udfc_onnx.int8.FusionReport as a dict, plus "summary"
+    timings: dict = field(default_factory=dict)  # seconds per pass, in run order
 
     @property
     def channels_removed(self) -> int:
