@@ -156,7 +156,7 @@ def estimate_dists(model: onnx.ModelProto, stats: dict[str, BNStats], keep: dict
     dists: dict[str, Dist] = {}
     for inp in model.graph.input:
         if inp.name not in view.initializers and inp.type.tensor_type.elem_type == TensorProto.FLOAT:
-            dists[inp.name] = _input_dist(view, inp, stats) or INPUT_DIST(_input_channels(inp))
+            dists[inp.name] = _input_dist(view, inp, stats, keep) or INPUT_DIST(_input_channels(inp))
     for node in model.graph.node:
         out = _node_dist(view, node, dists, stats, keep, pool_variance)
         if out is not None and node.output and node.output[0]:
@@ -180,33 +180,36 @@ class _ArrayView(GraphView):
         return list(self.initializers[name].dims) if name in self.initializers else None
 
 
-def _input_dist(view: GraphView, inp: onnx.ValueInfoProto, stats: dict[str, BNStats]) -> Dist | None:
-    """The input's moments read back from the BN after the first Conv that reads it.
+def _input_dist(view: GraphView, inp: onnx.ValueInfoProto, stats: dict[str, BNStats],
+                keep: dict[str, Iterable[int]]) -> Dist | None:
+    """The input's moments read back from the BN folded into the first Conv that reads it.
 
-    That BN's running mean and variance are statistics of ``W * x + b`` over the training inputs:
-    the mean gives E[x] per channel by least squares, and the variance the input's scale under a
-    white-noise model, ``var_c ~ s^2 ||w_c||^2`` (median over channels). Images are bounded, so the
-    range is mean +- 3 s rather than a Gaussian tail. This is what keeps an input that was not
-    normalised to N(0, 1) (raw 0..255 pixels, say) from being clipped.
+    After folding, that Conv's output P_c = w_c . x + b_c has mean beta_c and variance
+    a_c^2 var_c (a = gamma / sigma) over the training inputs. The means give E[x] per channel by
+    least squares; the variances give the input's scale under a white-noise model,
+    ``a_c^2 var_c ~ s^2 ||w_c||^2`` (median over channels). Images are bounded, so the range is
+    mean +- 3 s rather than a Gaussian tail. This keeps an input that was not normalised to
+    N(0, 1) (raw 0..255 pixels, say) from being clipped.
     """
     for node in view.consumers.get(inp.name, []):
         st = stats.get(node.name)
         if node.op_type != "Conv" or node.input[0] != inp.name or st is None or int(attribute(node, "group", 1)) != 1:
             continue
-        if not view.is_constant(node.input[1]):
+        if not view.is_constant(node.input[1]) and view.dims(node.input[1]) is None:
             continue
-        w = view.array(node.input[1]).astype(np.float64)
-        if w.shape[0] != len(st.mean):
+        w = view.array(node.input[1]).astype(np.float64)  # folded (and possibly pruned) weight
+        idx = np.asarray(keep.get(node.name, range(len(st.beta))), np.int64)
+        if w.shape[0] != len(idx):
             continue
         bias = _const_value(view, node.input[2]) if len(node.input) > 2 else None
-        # The BN statistics are of the raw conv output: undo nothing, the conv bias shifts the mean only.
-        target = st.mean - (np.asarray(bias, np.float64).reshape(-1) if bias is not None else 0.0)
+        target = st.beta[idx] - (np.asarray(bias, np.float64).reshape(-1) if bias is not None else 0.0)
         mean = np.linalg.lstsq(w.sum(axis=tuple(range(2, w.ndim))), target, rcond=None)[0]
         norms = (w.reshape(w.shape[0], -1) ** 2).sum(1)
         live = norms > 1e-12
         if not live.any():
             continue
-        scale = float(np.sqrt(np.median(st.var[live] / norms[live])))
+        folded_var = (st.a[idx] ** 2) * st.var[idx]
+        scale = float(np.sqrt(np.median(folded_var[live] / norms[live])))
         if not (np.all(np.isfinite(mean)) and math.isfinite(scale) and scale > 0):
             continue
         return Dist(mean, np.full(len(mean), scale), floor=float(mean.min()) - 3 * scale,
