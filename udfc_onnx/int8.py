@@ -446,10 +446,10 @@ def emit_int8_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor],
     """
     record = Int8Record()
     view = GraphView(model)
-    layer_by_weight = {lay.name: lay for lay in layers.values()}
+    layer_of = {lay.name: lay for lay in layers.values()}
 
     def weight_ok(node) -> str:
-        lay = layer_by_weight.get(node.name)
+        lay = layer_of.get(node.name)
         if lay is None or lay.weight not in quantized:
             return "weight is not quantized"
         if np.any(quantized[lay.weight].zero_point != 0):
@@ -531,7 +531,7 @@ def emit_int8_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor],
         return out
 
     def add_weight(node: onnx.NodeProto, full: bool, x_name: str) -> None:
-        lay = layer_by_weight[node.name]
+        lay = layer_of[node.name]
         qt = quantized[lay.weight]
         axis = 0 if lay.kind == "conv" or lay.trans_b else 1
         base = lay.weight
@@ -568,7 +568,7 @@ def emit_int8_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor],
         for i, name in enumerate(node.input):
             if name in qnames:
                 node.input[i] = add_dq(name)
-        if node.op_type in ("Conv", "Gemm") and node.name in layer_by_weight and layer_by_weight[node.name].weight in quantized:
+        if node.op_type in ("Conv", "Gemm") and node.name in layer_of and layer_of[node.name].weight in quantized:
             full = node.name in int8_nodes
             add_weight(node, full, x_name)
             if full:
