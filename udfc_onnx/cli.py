@@ -114,11 +114,29 @@ def _add_compensation(g, d: CompressConfig) -> None:
                    help=f"relative ridge of the pruning regression (default: {d.ridge})")
 
 
+def _add_int8_output(g, d: CompressConfig) -> None:
+    # Full int8 deployment output (udfc_onnx/int8.py).
+    g.add_argument("--activations", choices=["float", "uint8"], default=None,
+                   help="uint8: full int8 QDQ that ORT fuses into QLinearConv (faster); float: weight-only QDQ "
+                        f"(smaller file, runs slower than float on ORT CPU) (default: {d.activations})")
+    g.add_argument("--activation-sigmas", dest="activation_sigmas", type=float, default=None,
+                   help=f"data-free activation range: BN mean +- this many standard deviations (default: {d.activation_sigmas})")
+    g.add_argument("--calibration", metavar="FILE.npz", default=None,
+                   help="optional samples for activation ranges (min/max): an array named like the model input "
+                        "(preprocessed floats), or 'x' (uint8 images, with --calibration-norm) (default: none, data-free)")
+    g.add_argument("--calibration-norm", dest="calibration_norm", choices=["cifar", "imagenet"], default=None,
+                   help="normalisation of uint8 calibration images: x/255, then per-channel mean/std (default: none)")
+    g.add_argument("--int4-storage", dest="int4_storage", action="store_const", const=True, default=None,
+                   help="store 2..4-bit weights as INT4 (opset 21): smaller file, but ORT does not fuse INT4, "
+                        "so it runs slower (default: off)")
+
+
 #: Method settings shared by the single run and ``batch``. Append new groups here.
 METHOD_GROUPS: list[OptionGroup] = [
     OptionGroup("pruning", _add_pruning),
     OptionGroup("quantization", _add_quantization, _apply_quantization),
     OptionGroup("compensation", _add_compensation),
+    OptionGroup("int8 output", _add_int8_output),
 ]
 
 

@@ -204,7 +204,7 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
     Solution
         ``arrays`` holds every changed initializer; ``quantized`` every weight to store as integers.
     """
-    work = {k: v.copy() for k, v in arrays.items()}
+    work = dict(arrays)  # passes replace entries, never write into them: no copy of every weight needed
     solution = Solution()
     for up in plan.units:
         _solve_unit(up, work, layers, stats, raw_filters, config, solution, overrides)
@@ -212,5 +212,6 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
         bits = layer_bits_for(layer.name, config, overrides)
         if bits is not None and layer.weight not in solution.quantized:
             solution.quantized[layer.weight] = _quantize(layer.out_major(work[layer.weight]).astype(np.float64), config, bits)
-    solution.arrays = {k: v for k, v in work.items() if v.shape != arrays[k].shape or not np.array_equal(v, arrays[k])}
+    solution.arrays = {k: v for k, v in work.items()
+                       if v is not arrays[k] and (v.shape != arrays[k].shape or not np.array_equal(v, arrays[k]))}
     return solution

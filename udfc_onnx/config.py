@@ -58,6 +58,39 @@ class CompressConfig:
     regress_on_quantized: bool = True
     nm_ratio: str = "published"
 
+    # --- int8 deployment output (udfc_onnx/int8.py, udfc_onnx/activations.py) ---
+    # activations : {"float", "uint8"}, default="float"
+    #     "uint8" writes full QDQ (uint8 activations, int8 symmetric weights, int32 bias) that ORT
+    #     fuses into QLinearConv/QGemm/QLinearAdd...; "float" writes weight-only QDQ (smaller, not faster).
+    # activation_sigmas : float, default=6.0
+    #     Data-free activation range: mu_c +- n sigma_c from BN statistics (measured, see README).
+    # calibration : str or None
+    #     npz of samples; per-tensor min/max from ORT replace the data-free ranges.
+    # calibration_norm : {"cifar", "imagenet"} or None
+    #     Normalisation of uint8 images ``x`` in the calibration file.
+    # int4_storage : bool
+    #     Store 2..4-bit weights as INT4 (opset 21): smaller file, runs slower (ORT does not fuse INT4).
+    activations: str = "float"
+    activation_sigmas: float = 6.0
+    calibration: str | None = None
+    calibration_norm: str | None = None
+    int4_storage: bool = False
+
+    def _check_int8_fields(self):
+        if self.activations not in ("float", "uint8"):
+            raise InvalidConfigError(f"activations must be 'float' or 'uint8', got {self.activations!r}")
+        n = self.activation_sigmas
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+            raise InvalidConfigError(f"activation_sigmas must be a finite number > 0, got {n!r}")
+        if self.activations == "uint8" and self.weight_bits is None:
+            raise InvalidConfigError("activations='uint8' needs quantized weights (weight_bits 2..8), got weight_bits=None")
+        if self.calibration is not None and self.activations != "uint8":
+            raise InvalidConfigError("calibration only sets activation ranges: it needs activations='uint8'")
+        if self.calibration_norm not in (None, "cifar", "imagenet"):
+            raise InvalidConfigError(f"calibration_norm must be 'cifar', 'imagenet' or None, got {self.calibration_norm!r}")
+        if self.int4_storage and (self.weight_bits is None or self.weight_bits > 4):
+            raise InvalidConfigError(f"int4_storage needs weight_bits <= 4, got {self.weight_bits!r}")
+
     def __post_init__(self):
         r = self.prune_ratio
         if not isinstance(r, (int, float)) or isinstance(r, bool) or math.isnan(r) or not 0 <= r < 1:
@@ -77,6 +110,7 @@ class CompressConfig:
             raise InvalidConfigError(f"quant_compensation must be one of {QUANT_COMP}, got {self.quant_compensation!r}")
         if self.nm_ratio not in ("published", "derived"):
             raise InvalidConfigError(f"nm_ratio must be 'published' or 'derived', got {self.nm_ratio!r}")
+        self._check_int8_fields()
 
     @property
     def use_bias_transfer(self) -> bool:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .graph import GraphView, attribute, remove_unused, set_initializer
 
@@ -49,12 +48,13 @@ def _why_not_foldable(view: GraphView, bn: onnx.NodeProto) -> str:
     return ""
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldRecord]:
+def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False) -> tuple[onnx.ModelProto, FoldRecord]:
     """Return a copy of ``model`` with every foldable BN folded into its Conv/Gemm.
 
     The layer takes over the BN's output name, so downstream names are unchanged.
+    ``inplace=True`` edits and returns ``model`` itself (no copy of a large model).
     """
-    model = _copy(model)
+    model = model if inplace else _copy(model)
     view = GraphView(model)
     record = FoldRecord()
     drop: list[onnx.NodeProto] = []

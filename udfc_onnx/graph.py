@@ -94,11 +94,11 @@ def remove_unused(model: onnx.ModelProto) -> int:
     used = {o.name for o in graph.output}
     for node in graph.node:
         used.update(i for i in node.input if i)
-    keep = [t for t in graph.initializer if t.name in used]
-    removed += len(graph.initializer) - len(keep)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    return removed
+    # Delete in place, last first: rebuilding the list with extend() would copy every weight.
+    dead_inits = [i for i, t in enumerate(graph.initializer) if t.name not in used]
+    for i in reversed(dead_inits):
+        del graph.initializer[i]
+    return removed + len(dead_inits)
 
 
 def ensure_node_names(model: onnx.ModelProto) -> int:

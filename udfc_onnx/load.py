@@ -230,11 +230,9 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
     # The checker reads the file itself when the weights live outside it (and above 2 GB it must).
     # full_check adds strict shape inference: a model whose shapes do not agree is refused here,
     # not found out in the middle of the solver.
+    # By path in both cases: serialising a large model again cost as much as loading it.
     try:
-        if external:
-            onnx.checker.check_model(str(p), full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(str(p), full_check=True)
     except Exception as exc:
         raise InvalidModelError(f"{p}: fails onnx.checker: {first_line(exc)}") from None
     if external:

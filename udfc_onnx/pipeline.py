@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from . import __version__
 from .compensate import Layer, Solution, layer_bits_for, solve_plan
@@ -29,6 +28,7 @@ from .config import CompressConfig
 from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names
+from .int8 import Int8Record, check_fusion, quantize_activations
 from .load import PROTOBUF_LIMIT, default_opset, read_model
 from .overrides import OverrideRules
 from .plan import Plan, make_plan
@@ -37,7 +37,7 @@ from .report import DryRun, ModelInfo, Report
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
 from .units import find_units
-from .validate import count_fused_convs, resolve_input_shapes, run_reference, validate_file
+from .validate import resolve_input_shapes, run_reference, validate_file
 
 __all__ = ["CompressResult", "FileOptions", "analyze", "compress_model", "compress_file", "plan_file", "set_metadata"]
 
@@ -53,6 +53,8 @@ class CompressResult:
     notes: list[str] = field(default_factory=list)
     overrides: dict = field(default_factory=dict)   # node name -> LayerOverride (from --config)
     layer_bits: dict = field(default_factory=dict)  # Conv/Gemm name -> weight bits (None: float)
+    int8: Int8Record | None = None  # set when activations="uint8"
+    timings: dict = field(default_factory=dict)  # seconds per pass
 
 
 def collect_layers(model: onnx.ModelProto) -> dict[str, Layer]:
@@ -76,9 +78,13 @@ def collect_layers(model: onnx.ModelProto) -> dict[str, Layer]:
     return layers
 
 
-def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str], quantize: bool | None = None) -> onnx.ModelProto:
-    model_copy = onnx.ModelProto()
-    model_copy.CopyFrom(model)
+def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str], quantize: bool | None = None, *,
+             inplace: bool = False) -> onnx.ModelProto:
+    if inplace:
+        model_copy = model
+    else:
+        model_copy = onnx.ModelProto()
+        model_copy.CopyFrom(model)
     renamed = ensure_node_names(model_copy)
     if renamed:
         notes.append(f"named {renamed} unnamed or duplicate nodes")
@@ -90,32 +96,44 @@ def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str], q
     return model_copy
 
 
-def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict | None = None):
+def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict | None = None, inplace: bool = False):
     """Read stats, fold BN and plan, without solving: (folded model, stats, raw filters, plan, fold record).
 
-    ``overrides`` maps node names to resolved per-layer ``--config`` settings.
+    ``overrides`` maps node names to resolved per-layer ``--config`` settings; ``inplace=True``
+    folds ``model`` itself instead of a copy.
     """
     stats = read_bn_stats(model)
     view = GraphView(model)
     raw_filters = {n.name: view.array(n.input[1]) for n in model.graph.node
                    if n.op_type == "Conv" and view.is_constant(n.input[1])}
-    folded, fold_record = fold_batchnorm(model)
+    folded, fold_record = fold_batchnorm(model, inplace=inplace)
     units, skipped = find_units(folded)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
                      weight_bits=config.weight_bits, overrides=overrides)
     return folded, stats, raw_filters, plan, fold_record
 
 
-def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides: OverrideRules | None = None) -> CompressResult:
-    """Compress a loaded model in memory (the input is not modified).
+def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides: OverrideRules | None = None,
+                   inplace: bool = False) -> CompressResult:
+    """Compress a loaded model in memory.
 
     ``overrides`` are the per-layer rules of a ``--config`` file; a rule naming no node raises
-    InvalidConfigError.
+    InvalidConfigError. The input is not modified, unless ``inplace=True``: then it is consumed
+    (edited by the passes and left meaningless), which saves full-model copies on large models.
     """
     notes: list[str] = []
-    model = _prepare(model, config, notes, quantize=config.weight_bits is not None or bool(overrides and overrides.sets_bits))
+    clock = _Clock()
+    if config.activations == "uint8" and not config.symmetric:
+        config = config.replace(symmetric=True)
+        notes.append("uint8 activations need symmetric weights (zero point 0, what QLinearConv takes): using symmetric")
+    model = _prepare(model, config, notes, quantize=config.weight_bits is not None or bool(overrides and overrides.sets_bits),
+                     inplace=inplace)
     resolved = overrides.resolve((n.name, n.op_type) for n in model.graph.node) if overrides else {}
-    folded, stats, raw_filters, plan, fold_record = analyze(model, config, overrides=resolved)
+    # From here on ``model`` is private to this call: the passes edit it instead of copying it.
+    folded, stats, raw_filters, plan, fold_record = analyze(model, config, overrides=resolved, inplace=True)
+    if config.method != "nm":  # raw filters were needed for the ranking only; free them before solving
+        raw_filters = {}
+    clock.lap("analyze (fold BN, units, plan)")
     layers = collect_layers(folded)
     view = GraphView(folded)
     arrays: dict[str, np.ndarray] = {}
@@ -127,19 +145,52 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
             out_ch = layer.out_major(arrays[layer.weight]).shape[0]
             arrays[layer.bias] = np.zeros(out_ch, arrays[layer.weight].dtype)
     plan.units = [u for u in plan.units if u.unit.producer in layers and all(c.node in layers for c in u.unit.consumers)]
+    clock.lap("read weights")
     solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved)
-    rewritten, _ = apply_arrays(folded, solution.arrays, layers)
-    if solution.quantized:
+    clock.lap("solve")
+    del arrays, raw_filters  # unchanged weights stay in the model; changed ones are in the solution
+    # Float weights about to be replaced by integers are not written (saves a model-sized copy);
+    # their initializers keep stale values until the QDQ pass drops them.
+    to_write = {k: v for k, v in solution.arrays.items() if k not in solution.quantized}
+    rewritten, _ = apply_arrays(folded, to_write, layers, inplace=True)
+    int8 = None
+    if config.activations == "uint8" or config.int4_storage:
+        keep = {up.unit.producer: up.keep for up in plan.units}
+        rewritten, int8 = quantize_activations(rewritten, solution.quantized, layers, stats, keep, config,
+                                               arrays=solution.arrays)
+        notes.append(f"int8: {len(int8.int8_layers)} Conv/Gemm with uint8 activations, {len(int8.weight_only)} weight-only; "
+                     f"ranges from {int8.range_source}")
+    elif solution.quantized:
         rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers)
+    clock.lap("rewrite + QDQ")
     set_metadata(rewritten, {"udfc_onnx.version": __version__, "udfc_onnx.config": json.dumps(config.to_dict()),
                              "udfc_onnx.overrides": json.dumps(overrides.to_dict() if overrides else {})})
     try:
         rewritten = onnx.shape_inference.infer_shapes(rewritten)
     except Exception as exc:  # shapes are a convenience for viewers; ORT does not need them
         notes.append(f"shape inference failed on the output: {exc}")
+    clock.lap("shape inference")
     layer_bits = {name: solution.quantized[l.weight].bits if l.weight in solution.quantized else None
                   for name, l in layers.items()}
-    return CompressResult(rewritten, plan, fold_record, solution, notes, resolved, layer_bits)
+    return CompressResult(rewritten, plan, fold_record, solution, notes, resolved, layer_bits, int8, clock.laps)
+
+
+class _Clock:
+    """Seconds spent between successive ``lap`` calls, by label."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, label: str) -> None:
+        now = time.perf_counter()
+        self.laps[label] = self.laps.get(label, 0.0) + now - self._last
+        self._last = now
+
+
+# Random-input check budget: multiply-accumulates of the original over all samples (8 CIFAR
+# ResNets, 3 ResNet-50 images at 224x224), so validating a large model stays a fraction of a run.
+VALIDATION_MACS = 16e9
 
 
 def set_metadata(model: onnx.ModelProto, items: Mapping[str, str]) -> None:
@@ -337,16 +388,25 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     step = progress or (lambda what: None)
     src, dst = Path(in_path), Path(out_path)
     check_output_path(src, dst)
+    clock = _Clock()
     step("load")
     loaded = read_model(src)
+    clock.lap("load + check input")
     shapes = resolve_input_shapes(loaded.model, options.input_shapes)
     before = ModelInfo.collect(loaded.model, loaded.file_bytes, input_shapes=shapes)
     before.fused_convs = 0  # an input with any quantized op is refused, so ORT fuses none of it
+    clock.lap("report (before)")
     step("run original")  # the input must load and run in ORT before any work is spent on it
-    expected = run_reference(loaded.model, n_samples=options.check_n, seed=options.seed, shape_overrides=shapes,
+    samples = min(options.check_n, max(1, int(VALIDATION_MACS // max(before.macs, 1))))
+    expected = run_reference(loaded.model, n_samples=samples, seed=options.seed, shape_overrides=shapes,
                              reference_path=str(src))
+    clock.lap("run original")
     step("compress")
-    result = compress_model(loaded.model, config, overrides=options.overrides)
+    # The loaded model is handed over (no copy): validation compares with the outputs run above.
+    result = compress_model(loaded.model, config, overrides=options.overrides, inplace=True)
+    loaded = dataclasses.replace(loaded, model=None)
+    timings = {**clock.laps, **result.timings}
+    clock = _Clock()
     set_metadata(result.model, {"udfc_onnx.source": src.name, "udfc_onnx.source_sha256": _sha256(src),
                                 "udfc_onnx.check": json.dumps({"check_n": options.check_n, "rtol": options.rtol,
                                                                "atol": options.atol, "input_shapes": shapes})})
@@ -357,6 +417,7 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     step("write")
     staging = _stage(result.model, dst, external)
     staged = staging / dst.name
+    clock.lap("write")
     notes = list(result.notes)
     try:
         if external:  # shape inference through the file: a model over 2 GB cannot be inferred in memory
@@ -367,13 +428,17 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
                 notes.append(f"shape inference on the saved file failed: {first_line(exc)}")
         step("validate")
         lossless = not result.solution.quantized and all(u.kept == u.channels for u in result.solution.units)
-        check = validate_file(loaded.model, str(staged), exact=lossless, rtol=options.rtol, atol=options.atol,
+        check = validate_file(None, str(staged), exact=lossless, rtol=options.rtol, atol=options.atol,
                               expected=expected)
+        clock.lap("validate (checker, ORT, random inputs)")
         if not check.passed:
             raise ValidationError(f"compressed model failed its check: {check.message}")
         step("measure")
         after = ModelInfo.collect(result.model, _bytes_in(staging), input_shapes=shapes)
-        after.fused_convs = count_fused_convs(staged)
+        clock.lap("report (after)")
+        fusion = _check_fusion(staged, result.solution, notes)
+        after.fused_convs = fusion.get("fused_convs") if fusion else 0
+        clock.lap("ORT fusion check")
         _commit(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -383,7 +448,7 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
                   elapsed_s=time.perf_counter() - start, notes=notes,
                   layers=_layers_record(result.layer_bits, result.overrides), overrides=options.to_dict()["overrides"],
                   options={k: v for k, v in options.to_dict().items() if k != "overrides"},
-                  external_data=external, tool_version=__version__)
+                  external_data=external, tool_version=__version__, fusion=fusion, timings={**timings, **clock.laps})
 
 
 def plan_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None, config: CompressConfig, *,
@@ -417,3 +482,15 @@ def plan_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None, co
                   skipped=[asdict(s) for s in plan.skipped], layers=_layers_record(layer_bits, resolved),
                   overrides=rules.to_dict() if rules else {}, external_data=external, notes=notes,
                   elapsed_s=time.perf_counter() - start)
+
+
+def _check_fusion(path: Path, solution: Solution, notes: list[str]) -> dict:
+    """What ORT's optimiser fused in the written model (only when weights were quantized)."""
+    if not solution.quantized:
+        return {}
+    try:
+        fusion = check_fusion(path)
+    except Exception as exc:  # the output already passed validation; this is information only
+        notes.append(f"ORT fusion check failed: {first_line(exc)}")
+        return {}
+    return dict(asdict(fusion), summary=fusion.summary())

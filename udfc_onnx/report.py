@@ -230,6 +230,8 @@ class Report:
     options: dict = field(default_factory=dict)
     external_data: bool = False
     tool_version: str = ""
+    fusion: dict = field(default_factory=dict)  # udfc_onnx.int8.FusionReport as a dict, plus "summary"
+    timings: dict = field(default_factory=dict)  # seconds per pass, in run order
 
     @property
     def channels_removed(self) -> int:
@@ -307,6 +309,9 @@ def render_table(report: Report) -> str:
         out.append(f"check: {v.get('message')}; vs original on {v.get('n_samples')} random inputs: max|diff| "
                    f"{v.get('max_abs', float('nan')):.3g} (rel {v.get('max_rel', float('nan')):.3g}), cosine "
                    f"{v.get('cosine', float('nan')):.4f}, top-1 agreement {v.get('top1_agreement', float('nan')):.2f}")
+    if report.fusion:
+        out.append(report.fusion["summary"])
+        out += [f"warning: {w}" for w in report.fusion.get("warnings", [])]
     out.append(f"elapsed: {report.elapsed_s:.2f} s")
     return "\n".join(out)
 

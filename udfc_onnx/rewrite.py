@@ -20,14 +20,19 @@ class RewriteRecord:
     biases_added: int = 0
 
 
-def apply_arrays(model: onnx.ModelProto, arrays: dict[str, np.ndarray], layers: dict[str, Layer]) -> tuple[onnx.ModelProto, RewriteRecord]:
+def apply_arrays(model: onnx.ModelProto, arrays: dict[str, np.ndarray], layers: dict[str, Layer], *,
+                 inplace: bool = False) -> tuple[onnx.ModelProto, RewriteRecord]:
     """Return a copy of ``model`` whose initializers take the given values (and shapes).
 
     A bias named in ``layers`` but absent from its node is attached to the node. Stale
     value_info shapes are dropped (channel counts changed) and shapes are inferred again.
+    ``inplace=True`` edits and returns ``model`` itself.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if inplace:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     view = GraphView(out)
     record = RewriteRecord()
     for name, value in arrays.items():

@@ -267,7 +267,11 @@ def apply_compensation(
     if kept_scale is not None:
         out = out * np.asarray(kept_scale, np.float64)[None, :, None]
     if coef is not None and len(drop):
-        out = out + np.einsum("ij,ojb->oib", coef, consumer[:, drop, :].astype(np.float64))
+        dropped = consumer[:, drop, :].astype(np.float64)  # (O, p, B)
+        o, p, b = dropped.shape
+        # One GEMM (t, p) @ (p, O*B); einsum without BLAS was the slowest step on ResNet-50.
+        merged = coef @ dropped.transpose(1, 0, 2).reshape(p, o * b)
+        out = out + merged.reshape(-1, o, b).transpose(1, 0, 2)
     return out
 
 

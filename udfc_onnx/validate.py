@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -271,6 +270,9 @@ def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: boo
         The input model (its inputs' types and shapes make the feeds).
     candidate_path : str
         The written output (checked from the file, as a user will load it).
+    reference_path : str, optional
+        The original's file: ORT loads it from there, and ``reference`` only supplies the graph
+        inputs (it may be a model without initializers; saves serialising a large model).
     exact : bool
         Require ``|cand - ref| <= atol + rtol * max|ref|`` (lossless settings); otherwise
         deviations are measured and reported, and only non-finite or misshapen outputs fail.
@@ -278,9 +280,6 @@ def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: boo
         Random samples to compare; 0 skips the numeric comparison (checker and session still run).
     shape_overrides : dict of str to list of int, optional
         Input shapes that replace the declared ones (``--overwrite-input-shape``).
-    reference_path : str, optional
-        Open the reference session from this file instead of serialising ``reference``
-        (required above 2 GB; the input file is the reference).
     expected : Reference, optional
         The reference outputs, when :func:`run_reference` ran already (then the arguments above
         that make them are not used).
@@ -332,17 +331,9 @@ def count_fused_convs(path: str | os.PathLike) -> int | None:
     hardware-specific layout passes) with ``optimized_model_filepath`` and counts QLinearConv nodes, in
     any domain, in the saved graph. Returns None when ORT cannot build or save it.
     """
-    with tempfile.TemporaryDirectory(prefix="udfc-ort-") as tmp:
-        optimized = os.path.join(tmp, "optimized.onnx")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = _ORT_LOG_LEVEL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = optimized
-        # Weights go to a side file so that models above 2 GB can be saved too.
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
-        try:
-            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            graph = onnx.load(optimized, load_external_data=False).graph
-        except Exception:
-            return None
-        return sum(1 for n in graph.node if n.op_type == "QLinearConv")
+    from .int8 import check_fusion  # the full fusion report; this is its Conv count
+
+    try:
+        return check_fusion(path).fused_convs
+    except Exception:
+        return None

@@ -1,0 +1,197 @@
+"""Is the compressed model faster, and what does compressing cost? ORT latency, compressor time, peak memory.
+
+    python tools/benchmark.py [--models resnet56_nm,resnet50] [--reps 20] [--limit 10000]
+        [--provider CPUExecutionProvider] [--resnet50 PATH] [--out-dir DIR]
+
+For each model and setting it runs the CLI (``python -m udfc_onnx``) in a subprocess and prints:
+
+* latency: ORT median over interleaved repetitions (original, compressed, original, ... in the
+  same process, so machine load hits both alike) at batch 1 and 32, and the ratio
+  compressed / original;
+* the compressor's own time (``elapsed`` of the run: load, compress, write, validate, fusion check)
+  against ``onnx.load`` + ``onnx.save`` of the same file, each in its own subprocess;
+* peak memory: peak RSS of each subprocess (``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a wrapper
+  whose only child is the measured command), interpreter and imports included;
+* top-1 on the CIFAR-10 test set (shared/data) for the CIFAR model;
+* how many Convs ORT fused into QLinearConv.
+
+Models: the shared ResNet-56 (Neuron Merging checkpoint) and a synthetic ResNet-50 (25.6M
+parameters, ImageNet stem, 224x224) built from ``models.builders`` into the output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.common import REPO, load_dataset, normalization_for, shared_dir  # noqa: E402
+
+SETTINGS = {
+    "w8a8": ["--weight-bits", "8", "--activations", "uint8"],
+    "p50-w4a8": ["--prune-ratio", "0.5", "--weight-bits", "4", "--activations", "uint8"],
+    "w8-weight-only": ["--weight-bits", "8"],
+    "p30-w8a8": ["--prune-ratio", "0.3", "--weight-bits", "8", "--activations", "uint8"],
+}
+MODEL_SETTINGS = {"resnet56_nm": ["w8a8", "p50-w4a8", "w8-weight-only"],
+                  "resnet50": ["p30-w8a8", "w8a8", "p50-w4a8", "w8-weight-only"]}
+# A wrapper whose only child is the measured command: RUSAGE_CHILDREN then is that command's peak.
+_WRAP = ("import resource, subprocess, sys, time\n"
+         "t = time.perf_counter(); rc = subprocess.call(sys.argv[1:]); wall = time.perf_counter() - t\n"
+         "print('WRAP', rc, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+_LOAD_SAVE = ("import sys, time, onnx\n"
+              "t = time.perf_counter(); m = onnx.load(sys.argv[1]); onnx.save(m, sys.argv[2])\n"
+              "print('ELAPSED', time.perf_counter() - t)")
+
+
+def measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd`` in a fresh wrapper: exit code, wall seconds, peak RSS (MB), stdout."""
+    proc = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("WRAP ")][-1].split()
+    return {"rc": int(line[1]), "wall_s": float(line[2]), "peak_mb": int(line[3]) / 1024, "stdout": proc.stdout,
+            "stderr": proc.stderr}
+
+
+def session(path: str, provider: str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # Interleaved sessions: without this, one session's worker threads still spin-wait while the
+    # next session runs and steal its cores (both models get the same setting).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, opts, providers=[provider])
+
+
+def latency(paths: list[str], batch: int, reps: int, provider: str, seed: int = 0) -> list[float]:
+    """Median seconds per run of each model, repetitions interleaved across the models."""
+    sessions = [session(p, provider) for p in paths]
+    inp = sessions[0].get_inputs()[0]
+    shape = [batch] + [d if isinstance(d, int) else 32 for d in inp.shape[1:]]
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    for s in sessions:  # warm-up: allocations, kernel selection
+        for _ in range(2):
+            s.run(None, {inp.name: x})
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(reps):
+        for i, s in enumerate(sessions):
+            t = time.perf_counter()
+            s.run(None, {inp.name: x})
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def build_resnet50(path: Path) -> None:
+    code = ("import sys, onnx; sys.path.insert(0, '.'); from models.builders import build_resnet50; "
+            "onnx.save(build_resnet50(width=1.0, input_size=224), sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=REPO)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet56_nm,resnet50", help="comma-separated: resnet56_nm, resnet50")
+    p.add_argument("--settings", default=None, help=f"comma-separated subset of {', '.join(SETTINGS)}")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions per model (ResNet-56)")
+    p.add_argument("--reps-large", type=int, default=5, help="timed repetitions per model (ResNet-50)")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--limit", type=int, default=None, help="images for top-1 (default: all 10k)")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--provider", default="CPUExecutionProvider",
+                   help="ORT execution provider for the latency runs, e.g. CUDAExecutionProvider")
+    p.add_argument("--resnet50", default=None, help="existing synthetic ResNet-50 .onnx (default: build one)")
+    p.add_argument("--out-dir", default=None, help="where compressed models go (default: a temporary folder)")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="OPENBLAS_NUM_THREADS for the compressor runs (default: unset)")
+    args = p.parse_args(argv)
+    if args.provider not in ort.get_available_providers():
+        print(f"benchmark: {args.provider} is not available in this onnxruntime "
+              f"(available: {', '.join(ort.get_available_providers())})", file=sys.stderr)
+        return 2
+    batches = [int(b) for b in args.batches.split(",")]
+    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="udfc_bench_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for name in args.models.split(","):
+        if name == "resnet56_nm":
+            models[name] = shared_dir() / "models" / "cifar10" / "resnet56_nm.onnx"
+        elif name == "resnet50":
+            path = Path(args.resnet50) if args.resnet50 else out_dir / "resnet50_synthetic.onnx"
+            if not path.exists():
+                build_resnet50(path)
+            models[name] = path
+        else:
+            p.error(f"unknown model {name}")
+    wanted = set(args.settings.split(",")) if args.settings else None
+
+    rows, cost_rows, time_rows = [], [], []
+    env = {"OPENBLAS_NUM_THREADS": str(args.blas_threads)} if args.blas_threads else {}
+    print(f"onnxruntime {ort.__version__}, provider {args.provider}, batches {batches}; ratios are compressed/original")
+    for name, src in models.items():
+        size_mb = src.stat().st_size / 1e6
+        base = measured([sys.executable, "-c", _LOAD_SAVE, str(src), str(out_dir / f"{name}_copy.onnx")])
+        base_s = float([ln for ln in base["stdout"].splitlines() if ln.startswith("ELAPSED")][0].split()[1])
+        cost_rows.append((name, "onnx.load+onnx.save", f"{base_s:.2f}", "1.00", f"{base['wall_s']:.2f}",
+                          f"{base['peak_mb']:.0f}", f"{base['peak_mb'] / size_mb:.2f}"))
+        acc_data = None
+        if name == "resnet56_nm" and not args.no_accuracy:
+            x, y = load_dataset(shared_dir() / "data" / "cifar10_test.npz", args.limit)
+            mean, std = normalization_for(src)
+            from tools.evaluate import accuracy
+            acc_data = (x, y, mean, std, accuracy)
+            rows.append((name, "original (float)", "", "", "", f"{accuracy(str(src), x, y, mean, std):.2f}", ""))
+        reps = args.reps if name == "resnet56_nm" else args.reps_large
+        for setting in MODEL_SETTINGS[name]:
+            if wanted is not None and setting not in wanted:
+                continue
+            dst = out_dir / f"{name}_{setting}.onnx"
+            report_path = out_dir / f"{name}_{setting}.json"
+            run = measured([sys.executable, "-m", "udfc_onnx", str(src), str(dst), *SETTINGS[setting],
+                            "--report", str(report_path), "-q"], env)
+            if run["rc"] != 0:
+                print(f"{name} {setting}: compressor failed (exit {run['rc']}): {run['stderr'].strip()}", file=sys.stderr)
+                continue
+            report = json.loads(report_path.read_text())
+            fusion = report.get("fusion") or {}
+            fused = f"{fusion.get('fused_convs', 0)}/{fusion.get('convs', 0)}" if fusion else "n/a"
+            cost_rows.append((name, setting, f"{report['elapsed_s']:.2f}", f"{report['elapsed_s'] / base_s:.2f}",
+                              f"{run['wall_s']:.2f}", f"{run['peak_mb']:.0f}", f"{run['peak_mb'] / size_mb:.2f}"))
+            time_rows.append((name, setting, "; ".join(f"{k} {v:.2f}" for k, v in report.get("timings", {}).items())))
+            lat = []
+            for b in batches:
+                t_orig, t_comp = latency([str(src), str(dst)], b, reps, args.provider)
+                lat.append(f"b{b}: {t_orig * 1e3:.1f} -> {t_comp * 1e3:.1f} ms ({t_comp / t_orig:.3f}x)")
+            acc = ""
+            if acc_data is not None:
+                x, y, mean, std, accuracy = acc_data
+                acc = f"{accuracy(str(dst), x, y, mean, std):.2f}"
+            rows.append((name, setting, fused, "; ".join(lat), f"{dst.stat().st_size / 1e6:.2f} MB", acc,
+                         " ".join(SETTINGS[setting])))
+            print(f"  done {name} {setting}", file=sys.stderr, flush=True)
+
+    n_img = "" if args.no_accuracy else f" ({args.limit or 10000} images)"
+    print(f"\n| model | setting | Conv fused | ORT {args.provider} latency original -> compressed (median) | file | top-1 %{n_img} | flags |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print("\n| model | run | in-process s | x load+save | subprocess wall s | peak RSS MB | peak / file size |")
+    print("|---|---|---|---|---|---|---|")
+    for r in cost_rows:
+        print("| " + " | ".join(r) + " |")
+    print("\n| model | setting | where the compressor's time goes (s) |\n|---|---|---|")
+    for r in time_rows:
+        print("| " + " | ".join(r) + " |")
+    print(f"\nfile sizes: " + ", ".join(f"{n} {p.stat().st_size / 1e6:.1f} MB" for n, p in models.items()))
+    print(f"outputs in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
