@@ -24,12 +24,12 @@ from .errors import InvalidConfigError, ValidationError
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names
 from .load import default_opset, load_model
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, restrict_to_layers
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
 from .report import ModelInfo, Report
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
-from .units import find_units
+from .units import find_units, member_arrays, raw_filters_of
 from .validate import validate_file
 
 __all__ = ["CompressResult", "analyze", "compress_model", "compress_file"]
@@ -83,11 +83,9 @@ def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str]) -
 def analyze(model: onnx.ModelProto, config: CompressConfig):
     """Read stats, fold BN and plan, without solving: (folded model, stats, raw filters, plan, fold record)."""
     stats = read_bn_stats(model)
-    view = GraphView(model)
-    raw_filters = {n.name: view.array(n.input[1]) for n in model.graph.node
-                   if n.op_type == "Conv" and view.is_constant(n.input[1])}
+    raw_filters = raw_filters_of(model)
     folded, fold_record = fold_batchnorm(model)
-    units, skipped = find_units(folded)
+    units, skipped = find_units(folded, prune_residual=config.prune_residual)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
                      weight_bits=config.weight_bits)
     return folded, stats, raw_filters, plan, fold_record
@@ -108,7 +106,8 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig) -> CompressRe
         else:
             out_ch = layer.out_major(arrays[layer.weight]).shape[0]
             arrays[layer.bias] = np.zeros(out_ch, arrays[layer.weight].dtype)
-    plan.units = [u for u in plan.units if u.unit.producer in layers and all(c.node in layers for c in u.unit.consumers)]
+    plan = restrict_to_layers(plan, layers)
+    arrays.update(member_arrays(folded, [u.unit for u in plan.units]))
     solution = solve_plan(plan, arrays, layers, stats, raw_filters, config)
     rewritten, _ = apply_arrays(folded, solution.arrays, layers)
     if solution.quantized:
