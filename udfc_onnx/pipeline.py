@@ -29,7 +29,7 @@ from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
 from .report import ModelInfo, Report
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
-from .units import find_units, member_arrays, raw_filters_of
+from .units import find_units, limit_to_statistics, member_arrays, raw_filters_of
 from .validate import validate_file
 
 __all__ = ["CompressResult", "analyze", "compress_model", "compress_file"]
@@ -86,6 +86,7 @@ def analyze(model: onnx.ModelProto, config: CompressConfig):
     raw_filters = raw_filters_of(model)
     folded, fold_record = fold_batchnorm(model)
     units, skipped = find_units(folded, prune_residual=config.prune_residual)
+    units = limit_to_statistics(units, stats)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
                      weight_bits=config.weight_bits)
     return folded, stats, raw_filters, plan, fold_record

@@ -29,7 +29,7 @@ How groups are found (``handlers`` says what each op does to channels):
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -38,7 +38,8 @@ from .graph import GraphView, attribute
 from .handlers import (AFFINE, DEPTHWISE, IDENTITY, LINEAR, MAX, NONLINEAR, ChannelShapes, Context, Role,
                        classify)
 
-__all__ = ["ConsumerSlice", "ChannelMember", "PruneUnit", "Skip", "find_units", "member_arrays", "raw_filters_of"]
+__all__ = ["ConsumerSlice", "ChannelMember", "PruneUnit", "Skip", "find_units", "member_arrays", "raw_filters_of",
+           "limit_to_statistics"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class ConsumerSlice:
         output positions where it reads inside the map rather than padding. The mean transfer
         weights taps by it (a 3x3 conv on a 2x2 map reads 4 of its 9 taps per output); empty
         when every tap always reads the map or the size is unknown.
+    nonlinear : bool
+        The path holds an elementwise nonlinearity or a max pool.
     """
 
     node: str
@@ -91,6 +94,7 @@ class ConsumerSlice:
     activation_args: tuple[float, ...] = ()
     note: str = ""
     taps: tuple[float, ...] = ()
+    nonlinear: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,7 +270,7 @@ class _Analysis:
             if user.op_type == "Gemm" and user.input[0] == node.output[0] and c:
                 w = self.view.initializers.get(user.input[1])
                 if w is not None and len(w.dims) == 2:
-                    k = w.dims[0] if attribute(user, "transB", 0) else w.dims[1]
+                    k = w.dims[1] if attribute(user, "transB", 0) else w.dims[0]
                     if k % c == 0:
                         return k // c
         raise _Fail(f"{node.op_type} {node.name}: spatial size of the flattened map unknown")
@@ -394,7 +398,8 @@ class _Analysis:
             if any(e == MAX for e in effects):
                 notes.append("max pooling: approximate (max does not commute with a combination of channels)")
         return dict(compensation=compensation, scale_by=scale_by, stats_from=stats_from if mean_ok else "",
-                    activation=activation, activation_args=args, note="; ".join(notes))
+                    activation=activation, activation_args=args, note="; ".join(notes),
+                    nonlinear=bool(nonlinear) or any(e == MAX for e in effects))
 
 
 _ACTIVATION_NOTES = {
@@ -637,3 +642,46 @@ def member_arrays(model: onnx.ModelProto, units: list[PruneUnit]) -> dict[str, n
     """Initializers of every group member (BN parameters, slopes, depthwise filters, reshape targets)."""
     view = GraphView(model)
     return {name: view.array(name) for u in units for m in u.members for name in m.arrays}
+
+
+def limit_to_statistics(units: list[PruneUnit], stats: dict) -> list[PruneUnit]:
+    """Downgrade compensation where the BN statistics it needs do not exist.
+
+    The mean transfer needs the pre-activation statistics of the pruned channels (a BN). Without
+    them (a model exported with BN folded, a bias-only Conv/Gemm), regressing pruned filters on
+    kept ones through a nonlinearity leaves the constant ``E[A_j] - sum_i c_ij E[A_i]`` uncorrected,
+    which measured worse than plain pruning (spec section 9, and every BN-free builder model), so
+    such a consumer is pruned without compensation. Linear paths keep the regression (exact in
+    the linear regime).
+
+    Parameters
+    ----------
+    units : list of PruneUnit
+    stats : dict of str to BNStats
+        From :func:`udfc_onnx.stats.read_bn_stats`, keyed by the layer a BN follows.
+    """
+    out = []
+    for unit in units:
+        bn_members = {m.node for m in unit.members if m.op == "BatchNormalization"}
+        changed = []
+        for c in unit.consumers:
+            st = stats.get(c.stats_from) if c.stats_from else None
+            available = c.stats_from in bn_members or (st is not None and st.bn_node not in bn_members)
+            if available or c.compensation == "none":
+                changed.append(c)
+            elif c.compensation == "mean":
+                changed.append(replace(c, compensation="none", stats_from="",
+                                       note=c.note + "; no BN statistics for the mean either: pruned without compensation"))
+            elif c.nonlinear:
+                why = ("no BN statistics for the pruned channels' mean, and without that correction the regression "
+                       "through a nonlinearity measured worse than plain pruning: pruned without compensation")
+                changed.append(replace(c, compensation="none", stats_from="", note=why))
+            else:
+                changed.append(replace(c, stats_from=""))
+        if changed != list(unit.consumers):
+            modes = {c.compensation for c in changed}
+            notes = tuple(dict.fromkeys(c.note for c in changed if c.note))
+            unit = replace(unit, consumers=tuple(changed), compensation=modes.pop() if len(modes) == 1 else "mixed",
+                           notes=notes)
+        out.append(unit)
+    return out
