@@ -249,7 +249,8 @@ def _chain_with(op_builder, opset=13):
     ("leaky", lambda g, x: g.node("LeakyRelu", [x], "act", alpha=0.1), "leakyrelu", "full"),
     ("relu6", lambda g, x: g.node("Clip", [x, g.init("lo", 0.0), g.init("hi", 6.0)], "act"), "clip", "full"),
     ("prelu", lambda g, x: g.node("PRelu", [x, g.init("slope", np.full((8, 1, 1), 0.2))], "act"), "prelu", "full"),
-    ("silu", lambda g, x: g.node("Mul", [x, g.node("Sigmoid", [x], "sig")], "act"), "gate", "full"),
+    ("silu", lambda g, x: g.node("Mul", [x, g.node("Sigmoid", [x], "sig")], "act"), "gate", "none"),
+    ("tanh", lambda g, x: g.node("Tanh", [x], "act"), "tanh", "none"),
     ("two", lambda g, x: g.node("Sigmoid", [g.node("Relu", [x], "r")], "act"), "relu", "none"),
 ])
 def test_activation_paths_say_what_compensation_assumes(name, make, activation, compensation):
@@ -379,3 +380,28 @@ def test_onnxruntime_contrib_op_runs_end_to_end(tmp_path):
     assert report.validation["passed"] and dst.exists()
     assert [u["producer"] for u in report.units] == ["conv1", "conv2"]
     assert report.after.channels == {"conv0": 8, "conv1": 4, "conv2": 3}
+
+
+def test_gemm_producer_with_transposed_weight_layout(rng):
+    """Gemm(transB=0) -> Relu -> Gemm(transB=0): rows of the (K, O) weight are the output channels."""
+    g = G(spatial=2)
+    flat = g.node("Flatten", ["input"], "flat", 12, axis=1)
+    w1 = rng.standard_normal((12, 16)) * 0.4
+    h = g.node("Gemm", [flat, g.init("fc1.w", w1), g.init("fc1.b", rng.normal(0, 0.1, 16))], "fc1", 16)
+    h = g.node("BatchNormalization", [h] + [g.init(f"bn.{p}", v) for p, v in
+               (("g", rng.uniform(0.5, 1.5, 16)), ("b", rng.normal(0, 0.2, 16)), ("m", np.zeros(16)),
+                ("v", np.ones(16)))], "bn", epsilon=1e-5)
+    h = g.node("Relu", [h], "relu")
+    g.nodes.append(helper.make_node("Gemm", [h, g.init("fc2.w", rng.standard_normal((16, 5)) * 0.3)], ["logits"],
+                                    name="fc2"))
+    g.channels["logits"] = 5
+    model = g.model("logits")
+    unit = _unit(_units(model)[0], "fc1")
+    assert unit.consumers[0].node == "fc2" and unit.compensation == "full"
+    result = compress_model(model, CompressConfig(prune_ratio=0.25, weight_bits=8))
+    dims = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert dims["fc1.w_quantized"] == [12, 12] and dims["fc2.w_quantized"] == [12, 5]
+    x = g.x(8)
+    ref = run(model, x)
+    plain = compress_model(model, CompressConfig(prune_ratio=0.25, weight_bits=8, method="prune")).model
+    assert rel_err(ref, run(result.model, x)) < rel_err(ref, run(plain, x))

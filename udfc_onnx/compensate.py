@@ -245,11 +245,16 @@ class ChannelIndex:
         self.alive[(array, axis)] = np.delete(alive, positions)
 
 
+def _input_entries(layer: Layer, weight: np.ndarray) -> int:
+    """Length of a layer's input axis: input channels of a conv, input columns of a Gemm."""
+    om = layer.out_major(weight)
+    return int(np.prod(om.shape[1:])) if layer.kind == "gemm" else om.shape[1]
+
+
 def _consumer_offset(index: ChannelIndex, layer: Layer, weight: np.ndarray, cs: ConsumerSlice,
                      channels: int) -> tuple[int, np.ndarray]:
     """Current channel offset of a consumer slice, and the current columns of its channels."""
-    om = layer.out_major(weight)
-    size = int(np.prod(om.shape[1:])) if layer.kind == "gemm" else om.shape[1]
+    size = _input_entries(layer, weight)
     block = cs.block if layer.kind == "gemm" else 1
     cols = index.positions(layer.weight, 1, size, cs.offset * block, channels * block)
     if cols[0] % block:
@@ -278,8 +283,7 @@ def solve_planned_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], sta
                     config, solution)
         drop = np.asarray(up.drop, np.int64)
         for layer, cols, block, before in touched:
-            size = int(np.prod(layer.out_major(before).shape[1:])) if layer.kind == "gemm" else layer.out_major(before).shape[1]
-            index.remove(layer.weight, 1, size, _drop_columns(cols, drop, block))
+            index.remove(layer.weight, 1, _input_entries(layer, before), _drop_columns(cols, drop, block))
         solution.units[-1].kind = unit.kind
         return
     _solve_group(up, arrays, layers, stats, raw_filters, config, solution, index, identifiable=identifiable)
@@ -327,8 +331,8 @@ def _path_scale(unit: PruneUnit, cs: ConsumerSlice, arrays: dict, index: Channel
     for name in cs.scale_by:
         m = members[name]
         if m.op == "BatchNormalization":
-            gamma, _, _, var = (_per_channel(_member_channels(index, m, arrays, a, ax, unit.channels), ax, unit.channels)
-                                for a, ax in zip(m.arrays, m.axes))
+            gamma, _, _, var = (_per_channel(_member_channels(index, m, arrays, a, ax, unit.channels), ax,
+                                             unit.channels) for a, ax in zip(m.arrays, m.axes))
             factor = gamma / np.sqrt(var + m.eps)
         else:
             values = _per_channel(_member_channels(index, m, arrays, m.arrays[0], m.axes[0], unit.channels),
@@ -354,6 +358,17 @@ def _consumer_statistics(unit: PruneUnit, cs: ConsumerSlice, arrays: dict, index
     if st is None or st.bn_node in members or len(st.beta) != unit.channels:
         return None
     return st.beta, st.gamma
+
+
+def _expected_activation(unit: PruneUnit, cs: ConsumerSlice, moments: tuple[np.ndarray, np.ndarray], arrays: dict,
+                         index: ChannelIndex) -> np.ndarray:
+    """E[f(P)] per channel of the group for this consumer's activation (a PRelu reads its slopes)."""
+    if cs.activation == "prelu":
+        prelu = next(m for m in unit.members if m.op == "PRelu" and m.node in cs.path)
+        slope = _per_channel(_member_channels(index, prelu, arrays, prelu.arrays[0], prelu.axes[0], unit.channels),
+                             prelu.axes[0], unit.channels)
+        return activation_mean(moments[0], moments[1], "leakyrelu", (-np.inf, np.inf, slope))
+    return activation_mean(moments[0], moments[1], cs.activation, cs.activation_args)
 
 
 def _slice_members(unit: PruneUnit, keep: np.ndarray, arrays: dict, layers: dict[str, Layer],
@@ -451,7 +466,7 @@ def _solve_group(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: di
         if config.use_bias_transfer and len(drop) and cs.compensation in ("full", "mean"):
             moments = _consumer_statistics(unit, cs, arrays, index, stats)
             if moments is not None:
-                act_mean = activation_mean(moments[0], moments[1], cs.activation, cs.activation_args)
+                act_mean = _expected_activation(unit, cs, moments, arrays, index)
                 weighted = sub * np.asarray(cs.taps, np.float64)[None, None, :] if cs.taps else sub
                 delta = mean_residual_bias(weighted, keep, consumer_coef, act_mean)
                 arrays[cons.bias] = (arrays[cons.bias].astype(np.float64) + delta).astype(arrays[cons.bias].dtype)
@@ -459,8 +474,7 @@ def _solve_group(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: di
         new_full = np.concatenate([full[:, :offset], new_sub, full[:, offset + C:]], axis=1)
         arrays[cons.weight] = _from_consumer_view(cons, new_full, w2).astype(w2.dtype)
         block = cs.block if cons.kind == "gemm" else 1
-        size = int(np.prod(cons.out_major(w2).shape[1:])) if cons.kind == "gemm" else cons.out_major(w2).shape[1]
-        index.remove(cons.weight, 1, size, _drop_columns(cols, drop, block))
+        index.remove(cons.weight, 1, _input_entries(cons, w2), _drop_columns(cols, drop, block))
 
     _slice_members(unit, keep, arrays, layers, index, drop)
     compensation, note = unit.compensation, "; ".join(unit.notes)

@@ -58,7 +58,8 @@ class Activation:
     @property
     def homogeneous(self) -> bool:
         """f(s x) = s f(x) for s > 0: the paper's ReLU argument holds for the quantization scale."""
-        return self.kind in ("relu", "leakyrelu", "prelu") or (self.kind == "clip" and self.low == 0 and self.high == np.inf)
+        return self.kind in ("relu", "leakyrelu", "prelu") or (
+            self.kind == "clip" and self.low == 0 and self.high == np.inf)
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,8 @@ def _activation(node, ctx):
 
 @_register("LeakyRelu")
 def _leaky(node, ctx):
-    return Role("link", effect=NONLINEAR, activation=Activation("leakyrelu", slope=float(attribute(node, "alpha", 0.01))))
+    slope = float(attribute(node, "alpha", 0.01))
+    return Role("link", effect=NONLINEAR, activation=Activation("leakyrelu", slope=slope))
 
 
 @_register("Clip")
@@ -365,6 +367,8 @@ def _prelu(node, ctx):
         return _block(node, f"slope shape {slope.shape} is not per channel")
     if axis is not None and ctx.view.uses(node.input[1]) != 1:
         return _block(node, "per-channel slope is shared with another node")
+    if axis is None and slope.size == 1:  # one slope for every channel: a LeakyRelu
+        return Role("link", effect=NONLINEAR, activation=Activation("leakyrelu", slope=float(slope.ravel()[0])))
     params = () if axis is None else (ParamSlice(1, axis),)
     return Role("link", effect=NONLINEAR, activation=Activation("prelu"), params=params)
 

@@ -43,8 +43,8 @@ def activation_mean(beta: np.ndarray, gamma: np.ndarray, activation: str = "none
     beta, gamma : ndarray of shape (C,)
         BN shift and scale: the pre-activation of channel c is N(beta_c, gamma_c**2).
     activation : {"none", "relu", "clip", "leakyrelu", "sigmoid"}
-    args : tuple of float
-        (low, high, slope): Clip bounds and LeakyRelu slope.
+    args : tuple
+        (low, high, slope): Clip bounds and LeakyRelu slope (a scalar, or one per channel for a PRelu).
 
     Returns
     -------

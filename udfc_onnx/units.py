@@ -366,40 +366,49 @@ class _Analysis:
         after_effects = [r.effect if r.kind == "link" else (NONLINEAR if name in self.gates else IDENTITY)
                          for name, r in after]
         acts = [(name, r) for (name, r), e in zip(after, after_effects) if e == NONLINEAR]
-        mean_ok = len(acts) <= 1 and not any(e in (AFFINE, DEPTHWISE) for e in after_effects)
-        activation, args = "none", ()
+        activation, args, no_mean = "none", (), ""
+        if len(acts) > 1:
+            no_mean = f"{len(acts)} nonlinearities after the last BN"
+        elif any(e in (AFFINE, DEPTHWISE) for e in after_effects):
+            no_mean = "a per-channel affine op after the last BN (its effect on the mean is not tracked)"
         if acts:
             name, role = acts[0]
             act = role.activation
             if name in self.gates or act is None:
-                mean_ok = False
                 activation = "gate"
+                no_mean = no_mean or f"no closed-form mean for the gating {name} (x * f(x))"
             else:
                 activation, args = act.kind, (float(act.low), float(act.high), float(act.slope))
-                if act.kind not in ("relu", "clip", "leakyrelu", "sigmoid"):
-                    mean_ok = False
+                if act.kind not in ("relu", "clip", "leakyrelu", "prelu", "sigmoid"):
+                    no_mean = no_mean or f"no closed-form mean for {act.kind}"
+        mean_ok = not no_mean
+        maxpool = any(e == MAX for e in effects)
         notes = []
         if depthwise:
             compensation = "mean" if mean_ok else "none"
             notes.append(f"depthwise {depthwise[0]} on the path: its kernel differs per channel, so kept channels "
                          "cannot stand in for a pruned one; "
                          + ("only the pruned channels' mean moves to the consumer bias" if mean_ok else
-                            "pruned without compensation"))
+                            f"pruned without compensation ({no_mean})"))
         elif len(nonlinear) > 1:
             compensation = "mean" if mean_ok else "none"
-            notes.append(f"{len(nonlinear)} nonlinearities on the path ({', '.join(nonlinear)}): filter compensation "
-                         "not valid")
+            notes.append(f"{len(nonlinear)} nonlinearities on the path ({', '.join(nonlinear)}): no filter "
+                         "compensation; " + ("only the mean is transferred" if mean_ok else no_mean))
+        elif (nonlinear or maxpool) and not mean_ok:
+            # without the mean correction the regression through a nonlinearity measured worse than
+            # plain pruning (spec section 9), so it is not applied
+            compensation = "none"
+            notes.append(f"{no_mean}: without the mean correction the regression through a nonlinearity does "
+                         "worse than plain pruning; pruned without compensation")
         else:
             compensation = "full"
             if nonlinear:
-                kind = activation if activation != "none" else self.roles[nonlinear[0]].activation.kind \
-                    if self.roles[nonlinear[0]].activation else "gate"
-                notes.append(_ACTIVATION_NOTES.get(kind, f"{kind}: approximate (nonlinear, not homogeneous)"))
-            if any(e == MAX for e in effects):
+                notes.append(_ACTIVATION_NOTES.get(activation, f"{activation}: approximate"))
+            if maxpool:
                 notes.append("max pooling: approximate (max does not commute with a combination of channels)")
         return dict(compensation=compensation, scale_by=scale_by, stats_from=stats_from if mean_ok else "",
                     activation=activation, activation_args=args, note="; ".join(notes),
-                    nonlinear=bool(nonlinear) or any(e == MAX for e in effects))
+                    nonlinear=bool(nonlinear) or maxpool)
 
 
 _ACTIVATION_NOTES = {
@@ -407,7 +416,7 @@ _ACTIVATION_NOTES = {
     "leakyrelu": "leakyrelu: approximate like relu (positively homogeneous)",
     "prelu": "prelu: approximate like relu (positively homogeneous per channel)",
     "clip": "clip/relu6: approximate; saturation breaks homogeneity (s*relu6(x) != relu6(s*x))",
-    "sigmoid": "sigmoid: approximate, linearised around the BN mean",
+    "sigmoid": "sigmoid: approximate (saturating; neither homogeneous nor linear)",
 }
 
 
@@ -670,8 +679,8 @@ def limit_to_statistics(units: list[PruneUnit], stats: dict) -> list[PruneUnit]:
             if available or c.compensation == "none":
                 changed.append(c)
             elif c.compensation == "mean":
-                changed.append(replace(c, compensation="none", stats_from="",
-                                       note=c.note + "; no BN statistics for the mean either: pruned without compensation"))
+                note = c.note + "; no BN statistics for the mean either: pruned without compensation"
+                changed.append(replace(c, compensation="none", stats_from="", note=note))
             elif c.nonlinear:
                 why = ("no BN statistics for the pruned channels' mean, and without that correction the regression "
                        "through a nonlinearity measured worse than plain pruning: pruned without compensation")
