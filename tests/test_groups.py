@@ -405,3 +405,17 @@ def test_gemm_producer_with_transposed_weight_layout(rng):
     ref = run(model, x)
     plain = compress_model(model, CompressConfig(prune_ratio=0.25, weight_bits=8, method="prune")).model
     assert rel_err(ref, run(result.model, x)) < rel_err(ref, run(plain, x))
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_every_layer_is_pruned_sliced_or_left_alone_with_a_reason(name):
+    model = fold_batchnorm(BUILDERS[name]())[0]
+    for prune_residual in (False, True):
+        units, skipped = find_units(model, prune_residual=prune_residual)
+        layers = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+        producers = {p for u in units for p in u.all_producers}
+        sliced = {m.node for u in units for m in u.members if m.op == "Conv"}
+        left = {s.node for s in skipped}
+        assert producers | sliced | left == layers
+        assert not producers & left and not sliced & left
+        assert all(s.reason for s in skipped)

@@ -30,7 +30,7 @@ import onnx  # noqa: E402
 from models.builders import BUILDERS, input_size_of  # noqa: E402
 from udfc_onnx import CompressConfig  # noqa: E402
 from udfc_onnx.pipeline import compress_file  # noqa: E402
-from udfc_onnx.plan import _reason_class  # noqa: E402
+from udfc_onnx.plan import reason_label  # noqa: E402
 from udfc_onnx.validate import session  # noqa: E402
 
 
@@ -117,7 +117,7 @@ def evaluate(name: str, *, with_bn: bool | None = None, ratio: float = 0.3, bits
                 row.full, row.mean_only = modes["full"], modes["mean"]
                 row.uncompensated = modes["none"] + modes["mixed"]
                 row.left_alone = len(report.skipped)
-                row.reasons = dict(Counter(_reason_class(s["reason"]) for s in report.skipped))
+                row.reasons = dict(Counter(reason_label(s["reason"]) for s in report.skipped))
         lossless = Path(tmp) / f"{name}.lossless.onnx"
         compress_file(src, lossless, CompressConfig(**{**overrides, "prune_ratio": 0.0, "weight_bits": None}))
         out = session(str(lossless)).run(None, {"input": x})[0]

@@ -10,7 +10,8 @@ import numpy as np
 from .solve import channel_scores, keep_count, select_keep
 from .units import PruneUnit, Skip
 
-__all__ = ["UnitPlan", "Plan", "make_plan", "restrict_to_layers", "inspect_records", "render_inspect", "inspect_model"]
+__all__ = ["UnitPlan", "Plan", "make_plan", "restrict_to_layers", "inspect_records", "render_inspect", "inspect_model",
+           "reason_label"]
 
 
 @dataclass(frozen=True)
@@ -140,12 +141,12 @@ def inspect_records(plan: Plan, fold_skipped: list[tuple[str, str]] = ()) -> dic
                "mean_only": sum(g["compensation"] == "mean" for g in groups),
                "uncompensated": sum(g["compensation"] in ("none", "mixed") for g in groups),
                "left_alone": len(left),
-               "left_alone_reasons": dict(Counter(_reason_class(s.reason) for s in plan.skipped))}
+               "left_alone_reasons": dict(Counter(reason_label(s.reason) for s in plan.skipped))}
     return {"summary": summary, "groups": groups, "left_alone": left,
             "not_folded": [{"node": bn, "reason": r} for bn, r in fold_skipped]}
 
 
-def _reason_class(reason: str) -> str:
+def reason_label(reason: str) -> str:
     """A short label for a skip reason (for summaries)."""
     for key, label in (("residual", "residual stream"), ("graph output", "graph output"),
                        ("not a standard ONNX op", "unknown op"), ("not known", "unknown op"),

@@ -25,7 +25,26 @@ How groups are found (``handlers`` says what each op does to channels):
    * ``mean``: only the expected value of the pruned channels moves into the consumer bias. Used
      when a depthwise conv sits on the path (its kernels differ per channel, so no combination of
      kept channels stands in for a pruned one) or when two nonlinearities do.
-   * ``none``: plain pruning (several producers, or no BN statistics to take a mean from).
+   * ``none``: plain pruning: several producers; or a nonlinearity on the path and no mean
+     correction available (no BN statistics, or no closed-form mean for the activation), because
+     the regression through a nonlinearity without that correction measured worse than pruning.
+
+   A regression with as many kept filters as filter entries (t >= d, e.g. a 1x1 conv or Gemm whose
+   inputs an earlier group pruned) has no unique solution; the solver then transfers the mean only.
+
+Where the compensation assumptions hold, per activation between producer and consumer:
+
+   ==========  =============================================================================
+   none        exact in the linear regime (the regression and the mean transfer)
+   Relu        the paper's case: approximate for the pruning combination; the quantization
+               scale commutes (s > 0); mean transfer exact under the Gaussian BN assumption
+   LeakyRelu,  like Relu (positively homogeneous)
+   PRelu
+   Clip        (ReLU6) approximate for both: saturation breaks homogeneity; closed-form mean
+   Sigmoid     approximate (saturating, not homogeneous); probit mean
+   MaxPool     approximate (max does not commute with a combination); mean taken before it
+   others      (Tanh, x*sigmoid(x) gating, ...) no closed-form mean: pruned without compensation
+   ==========  =============================================================================
 """
 from __future__ import annotations
 
