@@ -419,3 +419,17 @@ def test_every_layer_is_pruned_sliced_or_left_alone_with_a_reason(name):
         assert producers | sliced | left == layers
         assert not producers & left and not sliced & left
         assert all(s.reason for s in skipped)
+
+
+def test_tensor_concatenated_twice_is_sliced_at_both_offsets(rng):
+    g = G()
+    c0 = g.conv("input", 8, "conv0", bias=False)
+    r0 = g.node("Relu", [g.bn(c0, "bn0")], "r0")
+    cat = g.node("Concat", [r0, r0], "cat", 16, axis=1)
+    model = g.model(g.head(g.conv(cat, 4, "conv1")))
+    unit = _unit(_units(model)[0], "conv0")
+    assert [(c.node, c.offset) for c in unit.consumers] == [("conv1", 0), ("conv1", 8)]
+    result = compress_model(model, CompressConfig(prune_ratio=0.5, weight_bits=None))
+    w = next(t for t in result.model.graph.initializer if t.name == "conv1.w")
+    assert list(w.dims) == [2, 8, 3, 3]  # conv1 keeps 2 of 4 outputs and 2 x 4 of its 16 inputs
+    assert run(result.model, g.x()).shape == (4, 5)

@@ -212,7 +212,7 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
 # ---------------------------------------------------------------------------------------------
 # Channel groups (issue 4): several consumers at concat offsets, per-channel members (unfolded BN,
 # depthwise conv, PRelu...), per-consumer BN ratios, mean-only compensation, several producers.
-# Plain units (one producer, Relu or no activation, no members) still go through _solve_unit.
+# Plain units (one producer, Relu or no activation, no members, t < d) still go through _solve_unit.
 # ---------------------------------------------------------------------------------------------
 class ChannelIndex:
     """Original channel numbers still present along one axis of each array.

@@ -274,11 +274,8 @@ def _resize(node, ctx):
                 return _block(node, "scales the batch or channel axis")
             return Role("link", effect=LINEAR)
     if len(node.input) > 3 and node.input[3]:
-        sizes = ctx.constant(node.input[3])
-        c = ctx.shapes.dim(node.input[0], 1)
-        if sizes is not None and c is not None and sizes.size >= 2 and int(sizes.ravel()[1]) == c:
-            return Role("link", effect=LINEAR, notes=("sizes input hard-codes the channel count",))
-    return _block(node, "scales/sizes not constant")
+        return _block(node, "its sizes input hard-codes the channel count")
+    return _block(node, "scales not constant")
 
 
 _ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Elu": "elu", "Selu": "selu",

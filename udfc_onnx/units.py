@@ -200,7 +200,9 @@ class PruneUnit:
 
         The foundation's per-unit solver handles exactly these; groups go through the group solver.
         """
+        nodes = [c.node for c in self.consumers]
         return (len(self.all_producers) == 1 and not self.members and self.activation in ("relu", "none")
+                and len(set(nodes)) == len(nodes)
                 and all(c.compensation == "full" and not c.scale_by and c.stats_from in ("", self.producer)
                         for c in self.consumers))
 
@@ -330,13 +332,14 @@ class _Analysis:
                         raise _Fail(f"{node.op_type} {node.name} couples the channels with another stream")
                     stack.append((node.output[0], offset, block, step))
                 elif role.kind == "concat":
-                    before = 0
-                    for name in node.input[:where[0]]:
-                        c = self.channels(name)
-                        if c is None:
-                            raise _Fail(f"Concat {node.name}: channel count of input '{name}' unknown")
-                        before += c
-                    stack.append((node.output[0], offset + before * block, block, step))
+                    for position in where:  # the same tensor may be concatenated more than once
+                        before = 0
+                        for name in node.input[:position]:
+                            c = self.channels(name)
+                            if c is None:
+                                raise _Fail(f"Concat {node.name}: channel count of input '{name}' unknown")
+                            before += c
+                        stack.append((node.output[0], offset + before * block, block, step))
                 elif role.kind == "flatten":
                     if block != 1:
                         raise _Fail(f"{node.op_type} {node.name} flattens an already flattened tensor")
@@ -353,7 +356,7 @@ class _Analysis:
                         raise _Fail(f"Conv {node.name} reads a flattened tensor")
                     if offset % block:
                         raise _Fail(f"Gemm {node.name}: channel block not aligned with its columns")
-                    consumers[node.name] = (node, role, offset // block, block, path)
+                    consumers[(node.name, offset)] = (node, role, offset // block, block, path)
                 elif role.kind == "shape":
                     continue
                 else:
@@ -570,7 +573,8 @@ def _make_unit(a: _Analysis, prods: list[onnx.NodeProto], consumers: dict, membe
     several = len(prods) > 1
     producer = prods[0].name
     slices, kinds, path_nodes = [], set(), []
-    for name, (node, role, offset, block, path) in sorted(consumers.items(), key=lambda kv: a.order[kv[0]]):
+    for (name, _), (node, role, offset, block, path) in sorted(consumers.items(),
+                                                                key=lambda kv: (a.order[kv[0][0]], kv[0][1])):
         info = a.describe_path(producer, path, several)
         taps = _tap_fractions(node, a.ctx.shapes) if role.layer_kind == "conv" else ()
         slices.append(ConsumerSlice(name, role.layer_kind, block, offset, path, **info, taps=taps))
