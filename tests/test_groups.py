@@ -433,3 +433,16 @@ def test_tensor_concatenated_twice_is_sliced_at_both_offsets(rng):
     w = next(t for t in result.model.graph.initializer if t.name == "conv1.w")
     assert list(w.dims) == [2, 8, 3, 3]  # conv1 keeps 2 of 4 outputs and 2 x 4 of its 16 inputs
     assert run(result.model, g.x()).shape == (4, 5)
+
+
+@pytest.mark.parametrize("name", ["densenet", "mobilenetv2", "vgg16_bn_cifar"])
+def test_inspect_predicts_the_compensation_the_solver_applies(name, tmp_path):
+    model = BUILDERS[name]()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    config = CompressConfig(prune_ratio=0.3, weight_bits=8)
+    records, _ = inspect_model(path, config)
+    solved = compress_model(model, config).solution.units
+    assert sorted((g["producers"][0], g["compensation"]) for g in records["groups"]) == \
+        sorted((u.producer, u.compensation) for u in solved)
+    assert any(g["compensation"] == "mean" and "t >= d" in g["notes"][0] for g in records["groups"])

@@ -57,7 +57,7 @@ def densenet_path(tmp_path):
 def test_inspect_lists_groups_offsets_and_reasons(densenet_path, capsys):
     assert main(["inspect", str(densenet_path), "--prune-ratio", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("5 prunable units (channel groups: 5 with full compensation")
+    assert out.splitlines()[0].startswith("5 prunable units (channel groups: 3 with full compensation, 2 mean-only")
     assert "prune  denseblock1.denselayer1.conv2 (4 ch, keep 2) [concat+flatten+branch]" in out
     assert "-> fc @8 via" in out and "slices BatchNormalization norm5 @8" in out
     assert "leave  fc: channels reach the graph output 'logits'" in out

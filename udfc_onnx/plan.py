@@ -11,7 +11,7 @@ from .solve import channel_scores, keep_count, select_keep
 from .units import PruneUnit, Skip
 
 __all__ = ["UnitPlan", "Plan", "make_plan", "restrict_to_layers", "inspect_records", "render_inspect", "inspect_model",
-           "reason_label"]
+           "reason_label", "underdetermined_units"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,31 @@ def restrict_to_layers(plan: Plan, layers) -> Plan:
 # ---------------------------------------------------------------------------------------------
 # inspect: every group and every layer left alone
 # ---------------------------------------------------------------------------------------------
-def inspect_records(plan: Plan, fold_skipped: list[tuple[str, str]] = ()) -> dict:
+def underdetermined_units(plan: Plan, raw_filters: dict[str, np.ndarray]) -> set[str]:
+    """Producers whose kept filters will span their whole (pruned) input space: t >= d.
+
+    The solver then moves only the mean (``compensate._regression_identifiable``); this predicts
+    it from the plan for ``inspect``: d is the producer's filter size after the groups that feed
+    it removed their input channels.
+    """
+    removed: dict[str, int] = {}
+    for up in plan.units:
+        for c in up.unit.consumers:
+            removed[c.node] = removed.get(c.node, 0) + len(up.drop) * c.block
+    out = set()
+    for up in plan.units:
+        name = up.unit.producer
+        if not up.drop or name not in raw_filters:
+            continue
+        w = raw_filters[name]
+        per_input = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
+        d = int(np.prod(w.shape[1:])) - removed.get(name, 0) * per_input
+        if len(up.keep) >= d:
+            out.add(name)
+    return out
+
+
+def inspect_records(plan: Plan, fold_skipped: list[tuple[str, str]] = (), underdetermined=frozenset()) -> dict:
     """What the tool would do with each group and why it leaves each other layer alone.
 
     Returns
@@ -128,13 +152,18 @@ def inspect_records(plan: Plan, fold_skipped: list[tuple[str, str]] = ()) -> dic
     groups = []
     for up in plan.units:
         u = up.unit
+        compensation, notes = u.compensation, list(u.notes)
+        if u.producer in underdetermined and compensation in ("full", "mixed"):
+            compensation = "mean"
+            notes.insert(0, f"{len(up.keep)} kept filters span the producer's whole pruned input space (t >= d): "
+                            "no unique regression, only the mean is compensated")
         groups.append({
             "producers": list(u.all_producers), "channels": u.channels, "keep": len(up.keep), "kind": u.kind,
-            "compensation": u.compensation,
+            "compensation": compensation,
             "consumers": [{"node": c.node, "offset": c.offset, "block": c.block, "compensation": c.compensation,
                            "via": list(c.path), "note": c.note} for c in u.consumers],
             "members": [{"node": m.node, "op": m.op, "offset": m.offset} for m in u.members],
-            "notes": list(u.notes),
+            "notes": notes,
         })
     left = [{"node": s.node, "reason": s.reason} for s in plan.skipped]
     summary = {"groups": len(groups), "compensated": sum(g["compensation"] == "full" for g in groups),
@@ -191,6 +220,6 @@ def inspect_model(path, config) -> tuple[dict, str]:
     from .load import load_model
     from .pipeline import analyze  # the pipeline imports this module
 
-    _, _, _, plan, fold = analyze(load_model(path), config)
-    records = inspect_records(plan, fold.skipped)
+    _, _, raw_filters, plan, fold = analyze(load_model(path), config)
+    records = inspect_records(plan, fold.skipped, underdetermined_units(plan, raw_filters))
     return records, render_inspect(records)
