@@ -83,6 +83,9 @@ def _add_pruning(g, d: CompressConfig) -> None:
                    help=f"filter norm that ranks channels (default: {d.criterion})")
     g.add_argument("--method", choices=["udfc", "nm", "prune"], default=None,
                    help=f"compensation: UDFC closed form, Neuron Merging, or none (default: {d.method})")
+    g.add_argument("--prune-residual", dest="prune_residual", action="store_const", const=True, default=None,
+                   help="also prune residual streams, each as one channel group over all its producers and consumers "
+                        "(no filter compensation) (default: off: only convs inside residual blocks are pruned)")
 
 
 def _add_quantization(g, d: CompressConfig) -> None:
@@ -494,32 +497,24 @@ def _merge(argv: Sequence[str]) -> int:
 
 
 def _inspect(argv: Sequence[str]) -> int:
-    p = _Parser(prog=f"{PROG} inspect", description="List prunable units and the reason for each conv left alone.")
+    p = _Parser(prog="python -m udfc_onnx inspect",
+                description="List every channel group (what would be pruned, how it is compensated) and the reason "
+                            "for each layer left alone.")
     p.add_argument("input", metavar="IN")
-    p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--prune-ratio", type=float, default=CompressConfig().prune_ratio,
+                   help="show how many channels each group would keep at this ratio")
+    p.add_argument("--prune-residual", action="store_true", help="analyse as `--prune-residual` would prune")
     args = p.parse_args(argv)
-    from .load import load_model
-    from .pipeline import analyze
+    from .plan import inspect_model
 
     try:
-        model = load_model(args.input)
-        _, _, _, plan, fold = analyze(model, CompressConfig(weight_bits=None))
+        config = CompressConfig(weight_bits=None, prune_ratio=args.prune_ratio, prune_residual=args.prune_residual)
+        records, text = inspect_model(args.input, config)
     except UdfcError as exc:
         print(f"udfc_onnx: error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(plan.to_json())
-        return 0
-    print(f"{len(plan.units)} prunable units, {len(plan.skipped)} convs left alone, {len(fold.folded)} BN folded")
-    for up in plan.units:
-        u = up.unit
-        via = " -> ".join(u.path) or "direct"
-        print(f"  prune  {u.producer} ({u.channels} ch) -> {', '.join(c.node for c in u.consumers)} via {via}; "
-              f"activation {u.activation}; compensation {'exact-linear' if u.linear_path else 'approximate'}")
-    for s in plan.skipped:
-        print(f"  leave  {s.node}: {s.reason}")
-    for bn, reason in fold.skipped:
-        print(f"  no-fold {bn}: {reason}")
+    print(json.dumps(records, indent=1) if args.json else text)
     return 0
 
 

@@ -43,6 +43,9 @@ class CompressConfig:
         Regress pruned filters on the quantized kept filters (spec 4 variant a).
     nm_ratio : {"published", "derived"}, default="published"
         BN ratio of the Neuron Merging baseline.
+    prune_residual : bool, default=False
+        Also prune residual streams, each as one channel group over all its producers and
+        consumers (no filter compensation); by default only convs inside residual blocks are pruned.
     """
 
     prune_ratio: float = 0.0
@@ -57,6 +60,7 @@ class CompressConfig:
     ridge: float = 0.0
     regress_on_quantized: bool = True
     nm_ratio: str = "published"
+    prune_residual: bool = False
 
     # --- int8 deployment output (udfc_onnx/int8.py, udfc_onnx/activations.py) ---
     # activations : {"float", "uint8"}, default="float"

@@ -31,12 +31,12 @@ from .graph import GraphView, attribute, ensure_node_names
 from .int8 import Int8Record, check_fusion, quantize_activations
 from .load import PROTOBUF_LIMIT, default_opset, read_model
 from .overrides import OverrideRules
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, restrict_to_layers
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
 from .report import DryRun, ModelInfo, Report
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
-from .units import find_units
+from .units import find_units, limit_to_statistics, member_arrays, raw_filters_of
 from .validate import resolve_input_shapes, run_reference, validate_file
 
 __all__ = ["CompressResult", "FileOptions", "analyze", "compress_model", "compress_file", "plan_file", "set_metadata"]
@@ -103,11 +103,10 @@ def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict |
     folds ``model`` itself instead of a copy.
     """
     stats = read_bn_stats(model)
-    view = GraphView(model)
-    raw_filters = {n.name: view.array(n.input[1]) for n in model.graph.node
-                   if n.op_type == "Conv" and view.is_constant(n.input[1])}
+    raw_filters = raw_filters_of(model)
     folded, fold_record = fold_batchnorm(model, inplace=inplace)
-    units, skipped = find_units(folded)
+    units, skipped = find_units(folded, prune_residual=config.prune_residual)
+    units = limit_to_statistics(units, stats)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
                      weight_bits=config.weight_bits, overrides=overrides)
     return folded, stats, raw_filters, plan, fold_record
@@ -144,7 +143,8 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
         else:
             out_ch = layer.out_major(arrays[layer.weight]).shape[0]
             arrays[layer.bias] = np.zeros(out_ch, arrays[layer.weight].dtype)
-    plan.units = [u for u in plan.units if u.unit.producer in layers and all(c.node in layers for c in u.unit.consumers)]
+    plan = restrict_to_layers(plan, layers)
+    arrays.update(member_arrays(folded, [u.unit for u in plan.units]))
     clock.lap("read weights")
     solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved)
     clock.lap("solve")
@@ -152,10 +152,12 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
     # Float weights about to be replaced by integers are not written (saves a model-sized copy);
     # their initializers keep stale values until the QDQ pass drops them.
     to_write = {k: v for k, v in solution.arrays.items() if k not in solution.quantized}
-    rewritten, _ = apply_arrays(folded, to_write, layers, inplace=True)
+    rewritten, _ = apply_arrays(folded, to_write, layers, inplace=True, new_shapes=solution.arrays)
     int8 = None
     if config.activations == "uint8" or config.int4_storage:
-        keep = {up.unit.producer: up.keep for up in plan.units}
+        # Channels each layer keeps, so the int8 ranges slice the BN statistics the same way.
+        keep = {name: up.keep for up in plan.units
+                for name in (*up.unit.all_producers, *(m.node for m in up.unit.members))}
         rewritten, int8 = quantize_activations(rewritten, solution.quantized, layers, stats, keep, config,
                                                arrays=solution.arrays)
         notes.append(f"int8: {len(int8.int8_layers)} Conv/Gemm with uint8 activations, {len(int8.weight_only)} weight-only; "

@@ -80,11 +80,22 @@ def select_keep(scores: np.ndarray, n_keep: int) -> np.ndarray:
     return np.sort(order[:n_keep]).astype(np.int64)
 
 
-def _solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+def _solve_spd(gram: np.ndarray, rhs: np.ndarray, rcond: float = 1e-6) -> np.ndarray:
+    """Minimum-norm solution of a symmetric PSD system, ignoring directions below ``rcond * max eigenvalue``.
+
+    Why not ``np.linalg.solve``: two or more kept channels whose BN gamma is ~0 ("dead") give
+    near-zero columns, the Gram matrix is singular to rounding, and solve() returns coefficients
+    of 1e3..1e9 on them that amplify any upstream error (seen on every builder model with BN).
+    """
+    if not (np.all(np.isfinite(gram)) and np.all(np.isfinite(rhs))):
+        raise SolverError("compensation system has non-finite entries")
     try:
-        out = np.linalg.solve(gram, rhs)
-    except np.linalg.LinAlgError:
-        out = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+        values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    except np.linalg.LinAlgError as exc:
+        raise SolverError(f"compensation system could not be factorised: {exc}") from exc
+    top = float(values.max()) if values.size else 0.0
+    usable = values > rcond * top if top > 0 else np.zeros_like(values, dtype=bool)
+    out = (vectors[:, usable] / values[usable]) @ (vectors[:, usable].T @ rhs)
     if not np.all(np.isfinite(out)):
         raise SolverError("compensation system has no finite solution")
     return out
