@@ -30,6 +30,7 @@ from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names
 from .load import PROTOBUF_LIMIT, default_opset, read_model
+from .moment_graph import estimate_layer_inputs
 from .overrides import OverrideRules
 from .plan import Plan, make_plan
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
@@ -127,7 +128,9 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
             out_ch = layer.out_major(arrays[layer.weight]).shape[0]
             arrays[layer.bias] = np.zeros(out_ch, arrays[layer.weight].dtype)
     plan.units = [u for u in plan.units if u.unit.producer in layers and all(c.node in layers for c in u.unit.consumers)]
-    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved)
+    # Data-free activation moments for UDFC's regression/selection and the bias correction (issue 3).
+    layer_inputs = estimate_layer_inputs(folded, stats, raw_filters) if config.uses_moments else None
+    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved, layer_inputs=layer_inputs)
     rewritten, _ = apply_arrays(folded, solution.arrays, layers)
     if solution.quantized:
         rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers)
