@@ -134,44 +134,49 @@ def _quantize(w_out_major: np.ndarray, config: CompressConfig, bits: int) -> Qua
     return qt
 
 
-def _mean_shift(layer: Layer, delta_w: np.ndarray, mean: np.ndarray | None, li: LayerInput | None) -> np.ndarray | None:
+def _mean_shift(layer: Layer, delta_w: np.ndarray, li: LayerInput | None) -> np.ndarray | None:
     """``sum_t frac_t delta_w[:, :, t] E[x]``: the output-mean change caused by a weight change, or None if unknown."""
-    if mean is None:
+    if li is None:
         return None
+    mean = li.mean
     if layer.kind == "conv":
         d = delta_w.reshape(delta_w.shape[0], delta_w.shape[1], -1)
-        frac = li.tap_fraction if li is not None and li.tap_fraction.shape[0] == d.shape[2] else np.ones(d.shape[2])
+        frac = li.tap_fraction if li.tap_fraction.shape[0] == d.shape[2] else np.ones(d.shape[2])
         return np.einsum("oct,t,c->o", d, frac, mean) if d.shape[1] == mean.shape[0] else None
     d = delta_w.reshape(delta_w.shape[0], -1)
     return d @ mean if d.shape[1] == mean.shape[0] else None
 
 
 def _quantize_layer(layer: Layer, w_out_major: np.ndarray, config: CompressConfig, bits: int,
-                    mean: np.ndarray | None, li: LayerInput | None) -> tuple[QuantizedTensor, np.ndarray | None]:
+                    li: LayerInput | None) -> tuple[QuantizedTensor, np.ndarray | None]:
     """Quantize one weight; with bias correction also the bias change that restores its output mean."""
     qt = _quantize(w_out_major, config, bits)
     if not config.use_bias_correction:
         return qt, None
-    shift = _mean_shift(layer, qt.dequantize() - w_out_major, mean, li)
+    shift = _mean_shift(layer, qt.dequantize() - w_out_major, li)
     return qt, None if shift is None else -shift
 
 
-def _slice_mean(mean: np.ndarray, cs: ConsumerSlice, channels: int, keep: np.ndarray) -> np.ndarray:
-    """A consumer's per-input mean after the unit's pruned channels are removed (like its weights)."""
-    per = mean.reshape(-1, cs.block if cs.kind == "gemm" else 1)
-    kept = per[cs.offset:cs.offset + channels][keep]
-    return np.concatenate([per[:cs.offset], kept, per[cs.offset + channels:]]).reshape(-1)
+def _slice_input(li: LayerInput, cs: ConsumerSlice, channels: int, keep: np.ndarray) -> LayerInput:
+    """A consumer's input moments after the unit's pruned channels are removed (like its weights)."""
+    block = cs.block if cs.kind == "gemm" else 1
+    n_in = li.mean.shape[0] // block
+    index = np.arange(n_in)
+    index = np.concatenate([index[:cs.offset], index[cs.offset:cs.offset + channels][keep], index[cs.offset + channels:]])
+    feat = (index[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+    cov = None if li.cov is None else li.cov[np.ix_(feat, feat)]
+    return LayerInput(li.mean[feat], cov, li.spatial_r, li.tap_fraction)
 
 
-def _moment_setup(prod: Layer, W: np.ndarray, b: np.ndarray, st: BNStats | None, li: LayerInput | None,
-                  mean_in: np.ndarray | None):
+def _moment_setup(prod: Layer, W: np.ndarray, b: np.ndarray, st: BNStats | None, li: LayerInput | None):
     """Patch covariance, per-channel scale and mean of the producer's pre-activations, or None.
 
     Means and variances come from the BN when the producer has one (the model only supplies
     correlations), else from the moment model itself.
     """
-    if li is None or li.cov is None or mean_in is None or li.cov.shape[0] != mean_in.shape[0]:
+    if li is None or li.cov is None:
         return None
+    mean_in = li.mean
     if prod.kind == "conv":
         if W.shape[1] != li.cov.shape[0]:
             return None
@@ -251,8 +256,7 @@ def _equalize(plan: Plan, arrays: dict, layers: dict[str, Layer], stats: dict[st
 
 def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dict[str, BNStats],
                 raw_filters: dict[str, np.ndarray], config: CompressConfig, solution: Solution,
-                overrides: Mapping | None = None, layer_inputs: Mapping[str, LayerInput] | None = None,
-                means: dict | None = None) -> UnitPlan:
+                overrides: Mapping | None = None, inputs: dict[str, LayerInput] | None = None) -> UnitPlan:
     unit = up.unit
     prod = layers[unit.producer]
     keep = np.asarray(up.keep, np.int64)
@@ -261,9 +265,8 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
     C = W.shape[0]
     udfc = config.method == "udfc"
     st = stats.get(unit.producer)
-    li = (layer_inputs or {}).get(prod.name)
-    mean_in = (means or {}).get(prod.name)
-    moments = _moment_setup(prod, W, b, st, li, mean_in) if udfc and (
+    li = (inputs or {}).get(prod.name)
+    moments = _moment_setup(prod, W, b, st, li) if udfc and (
         config.regression == "moments" or config.selection == "greedy") else None
 
     selection = "norm"
@@ -283,7 +286,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
     next_scale = None
     bits = layer_bits_for(prod.name, config, overrides)
     if bits is not None:
-        qt, bias_delta = _quantize_layer(prod, kept_filters, config, bits, mean_in, li)
+        qt, bias_delta = _quantize_layer(prod, kept_filters, config, bits, li)
         if bias_delta is not None:
             kept_bias = kept_bias + bias_delta
         if udfc and config.quant_compensation == "next":
@@ -335,8 +338,8 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
             arrays[cons.bias] = (arrays[cons.bias].astype(np.float64) + delta).astype(arrays[cons.bias].dtype)
         new_full = np.concatenate([full[:, :cs.offset], new_sub, full[:, cs.offset + C:]], axis=1)
         arrays[cons.weight] = _from_consumer_view(cons, new_full, w2).astype(w2.dtype)
-        if means is not None and cs.node in means:
-            means[cs.node] = _slice_mean(means[cs.node], cs, C, keep)
+        if inputs is not None and cs.node in inputs:
+            inputs[cs.node] = _slice_input(inputs[cs.node], cs, C, keep)
 
     arrays[prod.weight] = prod.stored(W[keep]).astype(arrays[prod.weight].dtype)
     arrays[prod.bias] = kept_bias.astype(arrays[prod.bias].dtype)
@@ -381,14 +384,14 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
     solution = Solution()
     if config.cross_layer_equalization:
         stats, layer_inputs = _equalize(plan, work, layers, stats, layer_inputs)
-    means = {name: li.mean.astype(np.float64).copy() for name, li in (layer_inputs or {}).items()}
-    plan.units = [_solve_unit(up, work, layers, stats, raw_filters, config, solution, overrides, layer_inputs, means)
+    inputs = dict(layer_inputs or {})  # sliced as producers lose channels
+    plan.units = [_solve_unit(up, work, layers, stats, raw_filters, config, solution, overrides, inputs)
                   for up in plan.units]
     for layer in layers.values():
         bits = layer_bits_for(layer.name, config, overrides)
         if bits is not None and layer.weight not in solution.quantized:
             w = layer.out_major(work[layer.weight]).astype(np.float64)
-            qt, bias_delta = _quantize_layer(layer, w, config, bits, means.get(layer.name), (layer_inputs or {}).get(layer.name))
+            qt, bias_delta = _quantize_layer(layer, w, config, bits, inputs.get(layer.name))
             solution.quantized[layer.weight] = qt
             if bias_delta is not None:
                 work[layer.bias] = (work[layer.bias].astype(np.float64) + bias_delta).astype(work[layer.bias].dtype)
