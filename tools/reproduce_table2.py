@@ -305,6 +305,12 @@ def ablation_selection(ctx, args):
     return _grid(ctx, "Kept set by norm vs by compensated reconstruction error [EXT] (bias transfer on)", rows, cols)
 
 
+def ablation_mean_weight(ctx, args):
+    rows = [(f"mean_weight {w:g}", dict(mean_weight=w)) for w in (1.0, 2.0, 4.0, 16.0)]
+    return _grid(ctx, "Weight of the means in the moment regression [EXT] (1 = exact second moment)", rows,
+                 _ratio_cols(args.ratios, "4"))
+
+
 ABLATIONS = {
     "leads": ablation_leads,
     "alpha1": ablation_alpha1,
@@ -318,6 +324,7 @@ ABLATIONS = {
     "granularity": ablation_granularity,
     "bits": ablation_bits,
     "selection": ablation_selection,
+    "mean-weight": ablation_mean_weight,
 }
 
 
@@ -407,13 +414,13 @@ def main(argv=None) -> int:
                   f"overrides {base or 'none'}; {ctx.images} images; baseline {ctx.baseline:.2f} %")
         print(header + "\n", flush=True)
         out.append(header)
-        sections = [table2(ctx, args.methods, args.ratios, args.criteria, args.bits)] if not names and not args.plot else []
-        for name in names:
-            sections.append(ABLATIONS[name](ctx, args))
+        jobs = [] if names or args.plot else [lambda: table2(ctx, args.methods, args.ratios, args.criteria, args.bits)]
+        jobs += [lambda name=name: ABLATIONS[name](ctx, args) for name in names]
         if args.plot:
             target = Path(args.plot) if len(paths) == 1 else Path(args.plot).with_name(f"{Path(args.plot).stem}_{path.stem}.png")
-            sections.append(plot(ctx, target, args.plot_ratios, args.plot_criterion))
-        for section in sections:
+            jobs.append(lambda: plot(ctx, target, args.plot_ratios, args.plot_criterion))
+        for job in jobs:  # print each table as soon as it is done
+            section = job()
             print(section + "\n", flush=True)
             out.append(section)
     if args.out:
