@@ -116,3 +116,95 @@ def test_neuron_merging_picks_the_scaled_twin():
     coef = neuron_merging_coefficients(W, ones, np.zeros(4), np.zeros(4), ones, np.array([0, 1, 2]))
     assert coef.shape == (3, 1)
     np.testing.assert_allclose(coef[:, 0], [0, 1.8, 0], atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- moment regression [EXT]
+
+from udfc_onnx.solve import (bn_row_scales, consumer_gram, equalization_scales, filter_second_moments,  # noqa: E402
+                             select_keep_greedy, solve_moment_coefficients)
+
+
+def _second_moment(rng, C, rank=None):
+    L = rng.standard_normal((C, rank or C))
+    mean = rng.standard_normal(C)
+    return L @ L.T + np.outer(mean, mean), L, mean
+
+
+def test_moment_coefficients_are_the_population_regression(rng):
+    S, L, mean = _second_moment(rng, 7)
+    keep, drop = [0, 2, 3, 5], [1, 4, 6]
+    coef = solve_moment_coefficients(S[np.ix_(keep, keep)], S[np.ix_(keep, drop)])
+    # samples with exactly that second moment: P = L z + mean, z ~ N(0, I)
+    z = rng.standard_normal((200_000, 7))
+    P = z @ L.T + mean
+    sample = np.linalg.lstsq(P[:, keep], P[:, drop], rcond=None)[0]
+    np.testing.assert_allclose(coef, sample, atol=0.05 * np.abs(coef).max())
+    resid = S[np.ix_(drop, drop)] - coef.T @ S[np.ix_(keep, drop)]
+    assert np.all(np.diag(resid) >= -1e-9)  # conditional second moment stays PSD
+
+
+def test_moment_coefficients_recover_exact_dependence(rng):
+    S, L, mean = _second_moment(rng, 5, rank=5)
+    T = np.eye(6, 5)
+    T[5] = [2.0, 0, -1.0, 0, 0.5]  # P_5 = 2 P_0 - P_2 + 0.5 P_4
+    S6 = T @ S @ T.T
+    coef = solve_moment_coefficients(S6[:5, :5], S6[:5, 5:])
+    np.testing.assert_allclose(coef[:, 0], T[5], atol=1e-6)
+
+
+def test_moment_ridge_shrinks_and_rejects_bad_input(rng):
+    S, _, _ = _second_moment(rng, 6)
+    plain = solve_moment_coefficients(S[:4, :4], S[:4, 4:])
+    ridged = solve_moment_coefficients(S[:4, :4], S[:4, 4:], ridge=1.0)
+    assert np.linalg.norm(ridged) < np.linalg.norm(plain)
+    with pytest.raises(ValueError, match="must agree"):
+        solve_moment_coefficients(S[:4, :3], S[:4, 4:])
+    with pytest.raises(ValueError, match="ridge"):
+        solve_moment_coefficients(S[:4, :4], S[:4, 4:], ridge=-1)
+
+
+def test_filter_second_moments_and_bn_scales(rng):
+    d = 12
+    A = rng.standard_normal((d, d))
+    sigma = A @ A.T / d
+    rows = rng.standard_normal((3, d))
+    sd = np.array([0.5, 2.0, 1.0])
+    scale = bn_row_scales(rows, sigma, sd)
+    mean = np.array([0.1, -0.3, 1.0])
+    S = filter_second_moments(rows, rows, sigma, scale, scale, mean, mean)
+    np.testing.assert_allclose(np.diag(S), sd**2 + mean**2, rtol=1e-10)  # BN variance and mean reproduced
+    x = rng.multivariate_normal(np.zeros(d), sigma, size=400_000)
+    P = (x @ rows.T) * scale + mean
+    np.testing.assert_allclose(S, P.T @ P / len(P), atol=0.03 * np.abs(S).max())
+    heavy = filter_second_moments(rows, rows, sigma, scale, scale, mean, mean, mean_weight=4.0)
+    np.testing.assert_allclose(heavy - S, 3.0 * np.outer(mean, mean), atol=1e-12)
+    assert bn_row_scales(np.zeros((1, d)), sigma, np.ones(1))[0] == 0.0
+
+
+def test_greedy_selection_drops_a_redundant_channel_first(rng):
+    S, _, _ = _second_moment(rng, 5)
+    T = np.vstack([np.eye(5), 3.0 * np.eye(5)[2]])  # channel 5 = 3 x channel 2
+    S6 = T @ S @ T.T
+    gram = np.eye(6)
+    keep = select_keep_greedy(S6, gram, 5)
+    assert set(keep.tolist()) in ({0, 1, 2, 3, 4}, {0, 1, 3, 4, 5})  # one of the twins goes, at zero error
+    assert select_keep_greedy(S6, gram, 5).tolist() == keep.tolist()  # deterministic
+
+
+def test_greedy_selection_drops_channels_the_consumer_ignores(rng):
+    S, _, _ = _second_moment(rng, 6)
+    gram = np.eye(6)
+    gram[3, 3] = 0.0  # the consumer never reads channel 3
+    assert 3 not in select_keep_greedy(S, gram, 5)
+    with pytest.raises(ValueError, match="n_keep"):
+        select_keep_greedy(S, gram, 0)
+
+
+def test_consumer_gram_and_equalization_scales(rng):
+    W2 = rng.standard_normal((4, 3, 9))
+    G = consumer_gram(W2)
+    np.testing.assert_allclose(G, W2.transpose(1, 0, 2).reshape(3, -1) @ W2.transpose(1, 0, 2).reshape(3, -1).T)
+    r1, r2 = np.array([2.0, 0.5, 0.0]), np.array([0.5, 2.0, 1.0])
+    f = equalization_scales(r1, r2)
+    np.testing.assert_allclose(r1[:2] * f[:2], r2[:2] / f[:2])
+    assert f[2] == 1.0

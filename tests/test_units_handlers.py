@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 from udfc_onnx.graph import GraphView
 from udfc_onnx.handlers import HANDLERS, ChannelShapes, Context, Role, classify
-from udfc_onnx.moments import activation_mean
+from udfc_onnx.activation_means import activation_mean
 
 
 def _context_for(node: onnx.NodeProto) -> Context:

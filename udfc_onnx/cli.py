@@ -94,7 +94,7 @@ def _add_quantization(g, d: CompressConfig) -> None:
                       help=f"weight bits per output channel, 2..8 (default: {d.weight_bits})")
     bits.add_argument("--no-quant", action="store_true", help="keep float weights, no quantization (default: off)")
     g.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False, default=None,
-                   help="min/max asymmetric weight grid instead of symmetric (default: off)")
+                   help="min/max asymmetric weight grid (default: symmetric from 4 bits up, asymmetric below)")
 
 
 def _apply_quantization(args: argparse.Namespace, values: dict) -> None:
@@ -134,11 +134,39 @@ def _add_int8_output(g, d: CompressConfig) -> None:
                         "so it runs slower (default: off)")
 
 
+def _add_accuracy(g, d: CompressConfig) -> None:
+    # Choices settled by tools/reproduce_table2.py --ablation (issue 3).
+    g.add_argument("--regression", choices=["moments", "euclidean"], default=None,
+                   help="UDFC pruning regression: under data-free input moments, or the paper's plain least squares "
+                        f"(default: {d.regression})")
+    g.add_argument("--selection", choices=["greedy", "norm"], default=None,
+                   help="UDFC kept channels: least compensated error, or top --criterion norms as in the paper "
+                        f"(default: {d.selection})")
+    g.add_argument("--mean-weight", dest="mean_weight", type=float, default=None,
+                   help=f"weight of the means in the moment regression (default: {d.mean_weight})")
+    g.add_argument("--bias-units", dest="bias_units", choices=["e", "b"], default=None,
+                   help=f"units of the paper's alpha1 bias term, Euclidean regression only (default: {d.bias_units})")
+    bc = g.add_mutually_exclusive_group()
+    bc.add_argument("--bias-correction", dest="bias_correction", action="store_const", const=True, default=None,
+                    help="data-free DFQ bias correction of quantized layers (default: on for udfc, off for nm/prune)")
+    bc.add_argument("--no-bias-correction", dest="bias_correction", action="store_const", const=False,
+                    help="disable the bias correction (default: off)")
+    g.add_argument("--symmetric", dest="symmetric", action="store_const", const=True, default=None,
+                   help="symmetric weight grid at every width, as ORT's int8 kernels need (default: by width)")
+    g.add_argument("--granularity", choices=["channel", "tensor"], default=None,
+                   help=f"one weight scale per output channel or per tensor (default: {d.granularity})")
+    g.add_argument("--cross-layer-equalization", dest="cross_layer_equalization", action="store_const", const=True,
+                   default=None, help="DFQ cross-layer equalization before quantizing (default: off)")
+    g.add_argument("--regress-float", dest="regress_on_quantized", action="store_const", const=False, default=None,
+                   help="regress pruned filters on the float kept filters, not the quantized ones (default: off)")
+
+
 #: Method settings shared by the single run and ``batch``. Append new groups here.
 METHOD_GROUPS: list[OptionGroup] = [
     OptionGroup("pruning", _add_pruning),
     OptionGroup("quantization", _add_quantization, _apply_quantization),
     OptionGroup("compensation", _add_compensation),
+    OptionGroup("accuracy (see tools/reproduce_table2.py)", _add_accuracy),
     OptionGroup("int8 output", _add_int8_output),
 ]
 

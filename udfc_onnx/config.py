@@ -11,6 +11,12 @@ __all__ = ["CompressConfig", "PRESETS"]
 METHODS = ("udfc", "nm", "prune")
 CRITERIA = ("l1", "l2")
 QUANT_COMP = ("own", "next", "none")
+REGRESSIONS = ("moments", "euclidean")
+SELECTIONS = ("greedy", "norm")
+BIAS_UNITS = ("e", "b")
+GRANULARITIES = ("channel", "tensor")
+# Below this width the symmetric grid loses too much (tools/reproduce_table2.py --ablation bits).
+AUTO_ASYMMETRIC_BELOW = 4
 
 
 @dataclass(frozen=True)
@@ -27,13 +33,15 @@ class CompressConfig:
         Compensation: UDFC least squares, Neuron Merging, or none.
     weight_bits : int or None, default=8
         Per-output-channel weight bits (2..8); None keeps float weights.
-    symmetric : bool, default=True
-        Symmetric (zero point 0) or min/max asymmetric weight grid.
+    symmetric : bool or None, default=None
+        Symmetric (zero point 0) or min/max asymmetric weight grid. None chooses by width:
+        symmetric from 4 bits up (what ORT's int8 kernels need), asymmetric for 2-3 bits.
     alpha1, alpha2 : float, default=0.01, 0.008
         The paper's weights of the bias terms for pruning and quantization.
-    quant_compensation : {"own", "next", "none"}, default="own"
+    quant_compensation : {"own", "next", "none"}, default="none"
         Where UDFC's quantization scale s^q goes: the layer's own dequant scale [EXT],
-        the consumer's input slice (the paper), or nowhere.
+        the consumer's input slice (the paper), or nowhere. Measured: the least-squares s^q
+        shrinks every layer a little and costs accuracy at 3-4 bits, so it is off by default.
     bias_transfer : bool or None, default=None
         Move the expected residual of pruned channels into the consumer bias [EXT];
         None means on for udfc, off for the nm/prune baselines.
@@ -46,21 +54,54 @@ class CompressConfig:
     prune_residual : bool, default=False
         Also prune residual streams, each as one channel group over all its producers and
         consumers (no filter compensation); by default only convs inside residual blocks are pruned.
+    regression : {"moments", "euclidean"}, default="moments"
+        UDFC's pruning regression: predict pruned pre-activations from kept ones under
+        data-free second moments of the layer input [EXT], or the paper's plain least squares
+        of filters with the alpha1 bias term.
+    selection : {"greedy", "norm"}, default="greedy"
+        UDFC only: keep the channels whose removal leaves the least compensated error at the
+        consumer [EXT], or the top norms by ``criterion`` (the paper; prune/nm always use norms).
+    bias_correction : bool or None, default=None
+        Data-free DFQ bias correction of every quantized layer, ``b -= (Q(W) - W) E[x]``;
+        None means on for udfc, off for the nm/prune baselines.
+    bias_units : {"e", "b"}, default="e"
+        Euclidean regression only: the alpha1 bias term in pre-BN units e = b/a with raw
+        filters (identical to folded filters with folded biases b), or in folded units b with
+        raw filters (alpha1 then acts as alpha1 * a_j^2 per pruned channel j).
+    mean_weight : float, default=4.0
+        Moment regression only: weight of the mean part of the pre-activation second moments,
+        ``S = D R D + mean_weight * beta beta^T`` (1 is the exact E[P P^T]; more makes the kept
+        channels reproduce the pruned channels' means more strictly, which the bias transfer
+        and the BN statistics' train/test gap favour) [EXT].
+    granularity : {"channel", "tensor"}, default="channel"
+        One weight scale per output channel, or one per tensor (stored per channel, all equal;
+        UDFC's own-scale s^q is then not applied).
+    cross_layer_equalization : bool, default=False
+        DFQ cross-layer equalization of every unit (producer rows and consumer columns scaled
+        to equal ranges) before anything else.
     """
 
     prune_ratio: float = 0.0
     criterion: str = "l1"
     method: str = "udfc"
     weight_bits: int | None = 8
-    symmetric: bool = True
+    symmetric: bool | None = None
     alpha1: float = 0.01
     alpha2: float = 0.008
-    quant_compensation: str = "own"
+    quant_compensation: str = "none"
     bias_transfer: bool | None = None
     ridge: float = 0.0
     regress_on_quantized: bool = True
     nm_ratio: str = "published"
     prune_residual: bool = False
+
+    regression: str = "moments"
+    selection: str = "greedy"
+    bias_correction: bool | None = None
+    bias_units: str = "e"
+    mean_weight: float = 4.0
+    granularity: str = "channel"
+    cross_layer_equalization: bool = False
 
     # --- int8 deployment output (udfc_onnx/int8.py, udfc_onnx/activations.py) ---
     # activations : {"float", "uint8"}, default="float"
@@ -106,7 +147,7 @@ class CompressConfig:
         b = self.weight_bits
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8):
             raise InvalidConfigError(f"weight_bits must be an integer in [2, 8] (or None for float), got {b!r}")
-        for name in ("alpha1", "alpha2", "ridge"):
+        for name in ("alpha1", "alpha2", "ridge", "mean_weight"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v) or v < 0:
                 raise InvalidConfigError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -114,12 +155,36 @@ class CompressConfig:
             raise InvalidConfigError(f"quant_compensation must be one of {QUANT_COMP}, got {self.quant_compensation!r}")
         if self.nm_ratio not in ("published", "derived"):
             raise InvalidConfigError(f"nm_ratio must be 'published' or 'derived', got {self.nm_ratio!r}")
+        for name, allowed in (("regression", REGRESSIONS), ("selection", SELECTIONS), ("bias_units", BIAS_UNITS),
+                              ("granularity", GRANULARITIES)):
+            if getattr(self, name) not in allowed:
+                raise InvalidConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("symmetric", "bias_transfer", "bias_correction", "regress_on_quantized", "cross_layer_equalization"):
+            v = getattr(self, name)
+            auto = name in ("symmetric", "bias_transfer", "bias_correction")
+            if not (isinstance(v, bool) or (v is None and auto)):
+                raise InvalidConfigError(f"{name} must be true or false{' (or null for auto)' if auto else ''}, got {v!r}")
         self._check_int8_fields()
 
     @property
     def use_bias_transfer(self) -> bool:
         """Whether the mean-residual bias transfer runs."""
         return self.method == "udfc" if self.bias_transfer is None else self.bias_transfer
+
+    @property
+    def use_bias_correction(self) -> bool:
+        """Whether quantized layers get the data-free bias correction."""
+        return self.method == "udfc" if self.bias_correction is None else self.bias_correction
+
+    @property
+    def uses_moments(self) -> bool:
+        """Whether the run needs the data-free activation moments of the graph."""
+        udfc_moments = self.method == "udfc" and (self.regression == "moments" or self.selection == "greedy")
+        return udfc_moments or self.use_bias_correction
+
+    def symmetric_for(self, bits: int) -> bool:
+        """Grid of a ``bits``-wide layer: the explicit choice, else symmetric from 4 bits up."""
+        return bits >= AUTO_ASYMMETRIC_BELOW if self.symmetric is None else self.symmetric
 
     def to_dict(self) -> dict:
         """Plain dict of every field (for reports and metadata)."""
@@ -136,6 +201,7 @@ class CompressConfig:
 PRESETS: dict[str, dict] = {
     "paper": dict(
         method="udfc", symmetric=False, alpha1=0.01, alpha2=0.008, quant_compensation="next",
-        bias_transfer=False, ridge=0.0, regress_on_quantized=True,
+        bias_transfer=False, ridge=0.0, regress_on_quantized=True, regression="euclidean", selection="norm",
+        bias_correction=False, bias_units="e", granularity="channel", cross_layer_equalization=False,
     ),
 }

@@ -30,6 +30,7 @@ from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names
 from .int8 import Int8Record, check_fusion, quantize_activations
 from .load import PROTOBUF_LIMIT, default_opset, read_model
+from .moment_graph import estimate_layer_inputs
 from .overrides import OverrideRules
 from .plan import Plan, make_plan, restrict_to_layers
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
@@ -130,7 +131,7 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
     resolved = overrides.resolve((n.name, n.op_type) for n in model.graph.node) if overrides else {}
     # From here on ``model`` is private to this call: the passes edit it instead of copying it.
     folded, stats, raw_filters, plan, fold_record = analyze(model, config, overrides=resolved, inplace=True)
-    if config.method != "nm":  # raw filters were needed for the ranking only; free them before solving
+    if config.method == "prune":  # raw filters were needed for the ranking only; free them before solving
         raw_filters = {}
     clock.lap("analyze (fold BN, units, plan)")
     layers = collect_layers(folded)
@@ -146,7 +147,10 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
     plan = restrict_to_layers(plan, layers)
     arrays.update(member_arrays(folded, [u.unit for u in plan.units]))
     clock.lap("read weights")
-    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved)
+    # Data-free activation moments for UDFC's regression/selection and the bias correction (issue 3).
+    layer_inputs = estimate_layer_inputs(folded, stats, raw_filters) if config.uses_moments else None
+    clock.lap("input moments")
+    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved, layer_inputs=layer_inputs)
     clock.lap("solve")
     del arrays, raw_filters  # unchanged weights stay in the model; changed ones are in the solution
     # Float weights about to be replaced by integers are not written (saves a model-sized copy);

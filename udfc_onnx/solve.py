@@ -13,6 +13,13 @@ Pruning (spec 2.5, 4):
     c* = (V^T V + alpha1 b_K b_K^T + ridge I)^-1 (V^T w_j + alpha1 b_j b_K)
 and the consumer absorbs it: W2[:, i] += sum_j c_ij W2[:, j] for kept i.
 
+Pruning with data-free input moments [EXT] (``regression="moments"``):
+    S = E[P P^T] of the pre-activations, correlations from a model of the layer input
+    (udfc_onnx.moments), means and variances from the BN:  S = D corr(W Sigma_x W^T) D + beta beta^T
+    c* = S_KK^-1 S_KP  (the least-squares prediction of P_j from P_K, no intercept)
+and kept channels chosen greedily so that the consumer's expected error after that
+compensation, tr(G_PP (S_PP - S_PK S_KK^-1 S_KP)) with G the consumer's input Gram, is smallest.
+
 Quantization (spec 3.3):
     minimise_s  ||w - s q||^2 + alpha2 * (1 - s)^2 b^2
     s* = (q.w + alpha2 b^2) / (q.q + alpha2 b^2)
@@ -30,6 +37,12 @@ __all__ = [
     "channel_scores",
     "select_keep",
     "solve_prune_coefficients",
+    "solve_moment_coefficients",
+    "filter_second_moments",
+    "bn_row_scales",
+    "select_keep_greedy",
+    "consumer_gram",
+    "equalization_scales",
     "solve_quant_scales",
     "neuron_merging_coefficients",
     "apply_compensation",
@@ -152,6 +165,165 @@ def solve_prune_coefficients(
         t = kept.shape[1]
         gram = gram + ridge * (np.trace(gram) / t) * np.eye(t)
     return _solve_spd(gram, rhs)
+
+
+def solve_moment_coefficients(second_kk: np.ndarray, second_kp: np.ndarray, *, ridge: float = 0.0) -> np.ndarray:
+    """Coefficients predicting pruned pre-activations from kept ones under known second moments [EXT].
+
+    Parameters
+    ----------
+    second_kk : ndarray of shape (t, t)
+        ``E[P_K P_K^T]`` of the kept channels (as the layer computes them, e.g. quantized).
+    second_kp : ndarray of shape (t, p)
+        ``E[P_K P_P^T]`` between kept and pruned channels.
+    ridge : float, default=0.0
+        Relative Tikhonov term ``ridge * tr(S_KK)/t * I``.
+
+    Returns
+    -------
+    coef : ndarray of shape (t, p)
+        ``P_j ~= sum_i coef[i, j] P_i`` in the mean-square sense.
+    """
+    gram = np.asarray(second_kk, np.float64)
+    rhs = np.asarray(second_kp, np.float64)
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or rhs.shape[0] != gram.shape[0]:
+        raise ValueError(f"second_kk (t,t) and second_kp (t,p) must agree; got {gram.shape}, {rhs.shape}")
+    if ridge < 0:
+        raise ValueError("ridge must be >= 0")
+    t = gram.shape[0]
+    scale = max(float(np.trace(gram)) / t, 1e-300)
+    # A tiny floor keeps dead (constant) channels, whose rows are collinear, solvable.
+    gram = gram + (ridge + 1e-10) * scale * np.eye(t)
+    return _solve_spd(gram, rhs)
+
+
+def bn_row_scales(filters: np.ndarray, patch_cov: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Per-filter factors that make the modelled output variance equal the BN's.
+
+    Parameters
+    ----------
+    filters : ndarray of shape (C, d)
+    patch_cov : ndarray of shape (d, d)
+        Modelled covariance of the input patch.
+    sd : ndarray of shape (C,)
+        Standard deviation the BN recorded for each output (|gamma| in the folded domain).
+
+    Returns
+    -------
+    ndarray of shape (C,)
+        ``sd / sqrt(w^T Sigma w)``; 0 where the model predicts no variance.
+    """
+    f = np.asarray(filters, np.float64)
+    var = np.einsum("cd,de,ce->c", f, np.asarray(patch_cov, np.float64), f)
+    live = var > 1e-30
+    return np.where(live, np.abs(sd) / np.sqrt(np.where(live, var, 1.0)), 0.0)
+
+
+def filter_second_moments(rows_a: np.ndarray, rows_b: np.ndarray, patch_cov: np.ndarray, scale_a: np.ndarray,
+                          scale_b: np.ndarray, mean_a: np.ndarray, mean_b: np.ndarray, *,
+                          mean_weight: float = 1.0) -> np.ndarray:
+    """``E[P_a P_b^T]`` for ``P = w^T x + bias`` with the modelled covariance rescaled per row.
+
+    ``scale_a[i] scale_b[j] a_i^T Sigma b_j + mean_weight * mean_a[i] mean_b[j]`` (mean_weight 1
+    is the exact second moment; more weights the means' agreement up in a regression).
+
+    Parameters
+    ----------
+    rows_a : ndarray of shape (n, d)
+    rows_b : ndarray of shape (m, d)
+    patch_cov : ndarray of shape (d, d)
+    scale_a, mean_a : ndarray of shape (n,)
+    scale_b, mean_b : ndarray of shape (m,)
+
+    Returns
+    -------
+    ndarray of shape (n, m)
+    """
+    cov = np.asarray(rows_a, np.float64) @ np.asarray(patch_cov, np.float64) @ np.asarray(rows_b, np.float64).T
+    return np.outer(scale_a, scale_b) * cov + mean_weight * np.outer(mean_a, mean_b)
+
+
+def select_keep_greedy(second: np.ndarray, gram: np.ndarray, n_keep: int) -> np.ndarray:
+    """Kept channels by backward elimination of the compensated reconstruction error [EXT].
+
+    Removes, one at a time, the channel whose removal (with the other removed ones, each
+    predicted from the remaining channels by :func:`solve_moment_coefficients`) adds the least
+    expected squared error at the consumer: ``tr(G_PP (S_PP - S_PK S_KK^-1 S_KP))``.
+
+    Parameters
+    ----------
+    second : ndarray of shape (C, C)
+        Second moments ``E[P P^T]`` of the producer's channels.
+    gram : ndarray of shape (C, C)
+        Consumer input Gram ``G[i, j] = sum_{o, tap} W2[o, i, tap] W2[o, j, tap]``.
+    n_keep : int
+
+    Returns
+    -------
+    ndarray of shape (n_keep,), int64, sorted
+    """
+    C = second.shape[0]
+    if not 1 <= n_keep <= C:
+        raise ValueError(f"n_keep must be in [1, {C}], got {n_keep}")
+    # With D the dropped and K the kept channels (K + D = all), S_DD - S_DK S_KK^-1 S_KD equals
+    # (Lam_DD)^-1 for Lam = S^-1, so each step only borders a |D| x |D| inverse: one vectorised
+    # O(|D|^2 C) update per step instead of C solves of size |K| (which took minutes at C = 512).
+    S = np.asarray(second, np.float64)
+    S = S + 1e-10 * max(float(np.trace(S)) / C, 1e-300) * np.eye(C)
+    lam = np.linalg.inv(S)
+    G = np.asarray(gram, np.float64)
+    remaining = list(range(C))
+    drop: list[int] = []
+    inv_dd = np.zeros((0, 0))  # (Lam_DD)^-1, the conditional covariance of the dropped channels
+    error = 0.0  # tr(G_DD inv_dd)
+    while len(remaining) > n_keep:
+        cand = np.asarray(remaining)
+        diag = lam[cand, cand]
+        if drop:
+            d = np.asarray(drop)
+            u = inv_dd @ lam[np.ix_(d, cand)]                        # (|D|, m)
+            schur = diag - np.sum(lam[np.ix_(d, cand)] * u, axis=0)
+            quad = np.sum(u * (G[np.ix_(d, d)] @ u), axis=0)
+            cross = np.sum(G[np.ix_(d, cand)] * u, axis=0)
+        else:
+            u, schur, quad, cross = np.zeros((0, len(cand))), diag, 0.0, 0.0
+        schur = np.maximum(schur, 1e-300)
+        errors = error + (quad - 2 * cross + G[cand, cand]) / schur
+        best = int(np.argmin(errors))  # first minimum: deterministic
+        s, ub = schur[best], u[:, best]
+        inv_dd = np.block([[inv_dd + np.outer(ub, ub) / s, -ub[:, None] / s], [-ub[None, :] / s, np.full((1, 1), 1 / s)]])
+        error = float(errors[best])
+        drop.append(remaining.pop(best))
+    return np.asarray(sorted(remaining), np.int64)
+
+
+def consumer_gram(consumer: np.ndarray) -> np.ndarray:
+    """``G[i, j] = sum_{o, b} W2[o, i, b] W2[o, j, b]`` of a consumer viewed as (O, C, B); shape (C, C)."""
+    w = np.asarray(consumer, np.float64)
+    return np.einsum("oib,ojb->ij", w, w)
+
+
+def equalization_scales(producer_range: np.ndarray, consumer_range: np.ndarray) -> np.ndarray:
+    """DFQ cross-layer equalization factors (Nagel et al. 2019).
+
+    Scaling producer channel i by ``f_i`` and the consumer's input slice i by ``1/f_i`` leaves a
+    ReLU network unchanged (ReLU(f x) = f ReLU(x) for f > 0); ``f = sqrt(r2 / r1)`` makes both
+    ranges ``sqrt(r1 r2)``.
+
+    Parameters
+    ----------
+    producer_range, consumer_range : ndarray of shape (C,)
+        max |w| of each producer output channel and of each consumer input slice.
+
+    Returns
+    -------
+    ndarray of shape (C,)
+        1 where either range is zero.
+    """
+    r1 = np.asarray(producer_range, np.float64)
+    r2 = np.asarray(consumer_range, np.float64)
+    ok = (r1 > 0) & (r2 > 0)
+    return np.where(ok, np.sqrt(np.where(ok, r2, 1.0) / np.where(ok, r1, 1.0)), 1.0)
 
 
 def solve_quant_scales(

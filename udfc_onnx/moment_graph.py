@@ -1,0 +1,203 @@
+"""Propagate data-free activation moments through a BN-folded ONNX graph (the ONNX half of moments).
+
+Walks the nodes in graph order and keeps, per tensor, the channel means and the channel covariance
+at one spatial position (``udfc_onnx.moments`` does the maths):
+
+    graph input         mean 0, covariance I (no data: an uninformative prior)
+    Conv (+ folded BN)  mean beta, covariance |gamma| corr(sum_tu W_t K W_u^T R_r(t,u)) |gamma|;
+                        r fitted so the predicted variances match the BN's (fit_spatial_correlation)
+    Conv / Gemm, no BN  mean W E[x] + bias, covariance from the same formula (r = 0.5 for a conv)
+    Relu, Clip(min=0)   rectified Gaussian (relu_moments); Clip's upper bound is ignored
+    Add / Sum           means add, covariances add (branches treated as independent)
+    Concat (axis 1)     block diagonal
+    pools, Flatten, Identity, Dropout   passed through (approximate for max pooling)
+
+Anything else ends the propagation on that path; layers whose input moments are unknown are absent
+from the result and the solver falls back to its moment-free forms there.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graph import GraphView, attribute
+from .moments import (LayerInput, conv_output_covariance, correlation, fit_spatial_correlation, relu_moments,
+                      tap_fractions)
+from .stats import BNStats
+
+__all__ = ["LayerInput", "estimate_layer_inputs"]
+
+# Above this many channels a covariance is not tracked (memory and the O(C^2) ReLU moments).
+MAX_TRACKED_CHANNELS = 4096
+DEFAULT_SPATIAL_R = 0.5
+PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Identity", "Dropout"}
+
+
+def _spatial_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # sizes only refine border handling; without them every tap counts fully
+        return {}
+    sizes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[2].HasField("dim_value") and dims[3].HasField("dim_value"):
+            sizes[vi.name] = (int(dims[2].dim_value), int(dims[3].dim_value))
+    return sizes
+
+
+def _dense_weight(w: np.ndarray, group: int) -> np.ndarray:
+    """(O, C, kh, kw) equivalent of a grouped conv weight (O, C/group, kh, kw)."""
+    if group == 1:
+        return w
+    O, cg = w.shape[:2]
+    og = O // group
+    dense = np.zeros((O, cg * group) + w.shape[2:], w.dtype)
+    for g in range(group):
+        dense[g * og:(g + 1) * og, g * cg:(g + 1) * cg] = w[g * og:(g + 1) * og]
+    return dense
+
+
+def _with_stats(mean_cov: tuple[np.ndarray, np.ndarray], st: BNStats | None) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the model's correlations, take mean and variance from the BN when there is one."""
+    mean, cov = mean_cov
+    if st is None:
+        return mean, cov
+    g = np.abs(st.gamma)
+    return st.beta.copy(), correlation(cov) * np.outer(g, g)
+
+
+def estimate_layer_inputs(model: onnx.ModelProto, stats: dict[str, BNStats], raw_weights: dict[str, np.ndarray]
+                          ) -> dict[str, LayerInput]:
+    """Input moments of every Conv/Gemm of a BN-folded model whose input can be reached.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Output of :func:`udfc_onnx.fold.fold_batchnorm`.
+    stats : dict of str to BNStats
+        BN statistics by the name of the layer they followed (read before folding).
+    raw_weights : dict of str to ndarray
+        Unfolded Conv weights by node name (the BN variances describe their outputs).
+
+    Returns
+    -------
+    dict of str to LayerInput
+        By Conv/Gemm node name.
+    """
+    view = GraphView(model)
+    sizes = _spatial_sizes(model)
+    moments: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name not in view.initializers and len(dims) >= 2 and dims[1].HasField("dim_value"):
+            c = int(dims[1].dim_value)
+            moments[inp.name] = (np.zeros(c), np.eye(c) if c <= MAX_TRACKED_CHANNELS else None)
+    result: dict[str, LayerInput] = {}
+    for node in model.graph.node:
+        op = node.op_type
+        ins = [moments.get(name) for name in node.input[:1]]
+        src = ins[0] if ins else None
+        if op == "Conv" and src is not None and view.is_constant(node.input[1]):
+            w = view.array(node.input[1]).astype(np.float64)
+            group = int(attribute(node, "group", 1))
+            kernel = tuple(int(k) for k in w.shape[2:4]) if w.ndim == 4 else (int(w.shape[2]), 1)
+            pads = attribute(node, "pads", [0, 0, 0, 0])
+            fractions = (tap_fractions(sizes.get(node.input[0]), kernel, attribute(node, "strides", [1, 1]), pads,
+                                       attribute(node, "dilations", [1, 1]))
+                         if w.ndim == 4 and attribute(node, "auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
+                         else np.ones(int(np.prod(w.shape[2:]))))
+            mean_in, cov_in = src
+            st = stats.get(node.name)
+            dense = _dense_weight(w, group)
+            r = DEFAULT_SPATIAL_R if int(np.prod(w.shape[2:])) > 1 else 0.0
+            if cov_in is not None and st is not None and node.name in raw_weights:
+                r = fit_spatial_correlation(_dense_weight(raw_weights[node.name].astype(np.float64), group), cov_in, st.var)
+            result[node.name] = LayerInput(mean_in, cov_in, r, fractions)
+            bias = view.array(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+            out_mean = np.einsum("oct,t,c->o", dense.reshape(dense.shape[0], dense.shape[1], -1), fractions, mean_in) + bias
+            out_cov = None
+            if cov_in is not None and dense.shape[0] <= MAX_TRACKED_CHANNELS:
+                out_cov = conv_output_covariance(dense, cov_in, r)
+            if out_cov is None and st is not None:
+                out_cov = np.diag(st.gamma**2) if len(st.gamma) <= MAX_TRACKED_CHANNELS else None
+            moments[node.output[0]] = _with_stats((out_mean, out_cov), st) if out_cov is not None else (
+                st.beta.copy() if st is not None else out_mean, None)
+        elif op == "Gemm" and src is not None and view.is_constant(node.input[1]) and not attribute(node, "transA", 0):
+            w = view.array(node.input[1]).astype(np.float64)
+            w = w if attribute(node, "transB", 0) else w.T  # (O, K)
+            mean_in, cov_in = src
+            if mean_in.shape[0] != w.shape[1]:
+                continue
+            result[node.name] = LayerInput(mean_in, cov_in, 0.0, np.ones(1))
+            bias = view.array(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+            alpha, beta = float(attribute(node, "alpha", 1.0)), float(attribute(node, "beta", 1.0))
+            out_mean = alpha * (w @ mean_in) + beta * bias
+            out_cov = alpha**2 * (w @ cov_in @ w.T) if cov_in is not None and w.shape[0] <= MAX_TRACKED_CHANNELS else None
+            st = stats.get(node.name)
+            if out_cov is None and st is not None:
+                out_cov = np.diag(st.gamma**2)
+            moments[node.output[0]] = _with_stats((out_mean, out_cov), st) if out_cov is not None else (out_mean, None)
+        elif op == "Relu" or (op == "Clip" and src is not None and _clip_min(view, node) == 0.0):
+            if src is None:
+                continue
+            mean, cov = src
+            if cov is None:
+                continue
+            moments[node.output[0]] = relu_moments(mean, cov + 1e-12 * np.eye(len(mean)))
+        elif op in ("Add", "Sum") and len(node.input) >= 2:
+            parts = [moments.get(name) for name in node.input]
+            if any(p is None or p[1] is None for p in parts) or len({p[0].shape for p in parts}) != 1:
+                continue
+            moments[node.output[0]] = (sum(p[0] for p in parts), sum(p[1] for p in parts))
+        elif op == "Concat" and int(attribute(node, "axis", 1)) == 1:
+            parts = [moments.get(name) for name in node.input]
+            if any(p is None or p[1] is None for p in parts):
+                continue
+            mean = np.concatenate([p[0] for p in parts])
+            if len(mean) > MAX_TRACKED_CHANNELS:
+                continue
+            cov = np.zeros((len(mean), len(mean)))
+            at = 0
+            for m, c in parts:
+                cov[at:at + len(m), at:at + len(m)] = c
+                at += len(m)
+            moments[node.output[0]] = (mean, cov)
+        elif op in PASS_THROUGH and src is not None:
+            if op == "Flatten":
+                block = _flatten_block(view, node, sizes, len(src[0]))
+                if block is None:
+                    continue
+                if block > 1:  # each channel becomes `block` consecutive features; correlations kept
+                    mean = np.repeat(src[0], block)
+                    cov = np.kron(src[1], np.ones((block, block))) if src[1] is not None and len(mean) <= MAX_TRACKED_CHANNELS else None
+                    moments[node.output[0]] = (mean, cov)
+                    continue
+            moments[node.output[0]] = src
+        elif op == "BatchNormalization" and src is not None and all(view.is_constant(n) for n in node.input[1:5]):
+            gamma, beta, mu, var = (view.array(n).astype(np.float64) for n in node.input[1:5])
+            a = gamma / np.sqrt(var + float(attribute(node, "epsilon", 1e-5)))
+            mean, cov = src
+            moments[node.output[0]] = (a * (mean - mu) + beta, None if cov is None else cov * np.outer(a, a))
+    return result
+
+
+def _clip_min(view: GraphView, node: onnx.NodeProto) -> float | None:
+    if len(node.input) > 1 and node.input[1]:
+        if not view.is_constant(node.input[1]):
+            return None
+        value = view.array(node.input[1]).reshape(-1)
+        return float(value[0]) if value.size == 1 else None
+    value = attribute(node, "min", None)
+    return None if value is None else float(value)
+
+
+def _flatten_block(view: GraphView, node: onnx.NodeProto, sizes: dict, channels: int) -> int | None:
+    """Features per channel after a Flatten(axis=1): H*W of its input (1 after global pooling)."""
+    if int(attribute(node, "axis", 1)) != 1:
+        return None
+    producer = view.producer.get(node.input[0])
+    if producer is not None and producer.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
+        return 1
+    hw = sizes.get(node.input[0])
+    return None if hw is None else hw[0] * hw[1]
