@@ -173,13 +173,19 @@ def _slice_input(li: LayerInput, cs: ConsumerSlice, channels: int, keep: np.ndar
     return LayerInput(li.mean[feat], cov, li.spatial_r, li.tap_fraction)
 
 
+# Largest filter (Cin * k * k) solved with the moment regression and greedy selection: their cost
+# grows as its square to cube (ResNet-50's 256 x 3 x 3 filters took 20 s of solving); wider layers use
+# the paper's Euclidean regression and norm selection. ResNet-56's widest is 64 x 3 x 3 = 576.
+MAX_MOMENT_PATCH = 1152
+
+
 def _moment_setup(prod: Layer, W: np.ndarray, b: np.ndarray, st: BNStats | None, li: LayerInput | None):
     """Patch covariance, per-channel scale and mean of the producer's pre-activations, or None.
 
     Means and variances come from the BN when the producer has one (the model only supplies
     correlations), else from the moment model itself.
     """
-    if li is None or li.cov is None:
+    if li is None or li.cov is None or W[0].size > MAX_MOMENT_PATCH:
         return None
     mean_in = li.mean
     if prod.kind == "conv":
