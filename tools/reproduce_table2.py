@@ -270,7 +270,7 @@ def ablation_dfq(ctx, args):
     for gran in ("channel", "tensor"):
         cols += [(f"{b}-bit per-{gran}", dict(prune_ratio=0.0, weight_bits=b, granularity=gran)) for b in (4, 6, 8)]
     cols += [("4-bit per-channel, 50%", dict(prune_ratio=0.5, weight_bits=4))]
-    return _grid(ctx, "DFQ: data-free bias correction and cross-layer equalization (symmetric grid)", rows,
+    return _grid(ctx, "DFQ: data-free bias correction and cross-layer equalization (s^q none; grid by width)", rows,
                  cols)
 
 
