@@ -112,11 +112,11 @@ def test_cross_layer_equalization_keeps_the_function_and_equalizes_ranges(rng):
 
 def test_grids_auto_symmetric_per_tensor():
     model = conv_chain()
-    q3 = compress_model(model, CompressConfig(weight_bits=3)).solution.quantized
     q4 = compress_model(model, CompressConfig(weight_bits=4)).solution.quantized
-    assert any(np.any(t.zero_point != 0) for t in q3.values())  # auto: asymmetric below 4 bits
-    assert all(np.all(t.zero_point == 0) for t in q4.values())  # symmetric from 4 bits (ORT int8 kernels)
-    forced = compress_model(model, CompressConfig(weight_bits=3, symmetric=True)).solution.quantized
+    q5 = compress_model(model, CompressConfig(weight_bits=5)).solution.quantized
+    assert any(np.any(t.zero_point != 0) for t in q4.values())  # auto: asymmetric below 5 bits
+    assert all(np.all(t.zero_point == 0) for t in q5.values())  # symmetric from 5 bits (ORT int8 kernels)
+    forced = compress_model(model, CompressConfig(weight_bits=4, symmetric=True)).solution.quantized
     assert all(np.all(t.zero_point == 0) for t in forced.values())
     per_tensor = compress_model(model, CompressConfig(weight_bits=4, granularity="tensor")).solution.quantized
     assert all(np.all(t.scale == t.scale[0]) for t in per_tensor.values())

@@ -208,3 +208,15 @@ def test_consumer_gram_and_equalization_scales(rng):
     f = equalization_scales(r1, r2)
     np.testing.assert_allclose(r1[:2] * f[:2], r2[:2] / f[:2])
     assert f[2] == 1.0
+
+
+def test_e_units_on_raw_filters_equal_b_units_on_folded_filters(rng):
+    # spec 2.4: ||w_j - V s||^2 + alpha (e_j - e_K^T s)^2 on raw filters (e = b / a) is a_j^2 times the folded
+    # loss ||a_j w_j - sum_i c_i a_i w_i||^2 + alpha (b_j - b_K^T c)^2 with c_i = s_i a_j / a_i: same optimum.
+    d, t, p = 18, 5, 3
+    raw_k, raw_p = rng.standard_normal((d, t)), rng.standard_normal((d, p))
+    a_k, a_p = rng.uniform(0.3, 3, t), rng.uniform(0.3, 3, p)
+    b_k, b_p = rng.standard_normal(t), rng.standard_normal(p)
+    s = solve_prune_coefficients(raw_k, raw_p, b_k / a_k, b_p / a_p, alpha=0.05)
+    c = solve_prune_coefficients(raw_k * a_k, raw_p * a_p, b_k, b_p, alpha=0.05)
+    np.testing.assert_allclose(c, s * a_p[None, :] / a_k[:, None], rtol=1e-9, atol=1e-12)

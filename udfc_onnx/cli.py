@@ -91,7 +91,7 @@ def _add_quantization(g, d: CompressConfig) -> None:
                       help=f"weight bits per output channel, 2..8 (default: {d.weight_bits})")
     bits.add_argument("--no-quant", action="store_true", help="keep float weights, no quantization (default: off)")
     g.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False, default=None,
-                   help="min/max asymmetric weight grid (default: symmetric from 4 bits up, asymmetric below)")
+                   help="min/max asymmetric weight grid (default: symmetric from 5 bits up, asymmetric below)")
 
 
 def _apply_quantization(args: argparse.Namespace, values: dict) -> None:
