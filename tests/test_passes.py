@@ -96,7 +96,7 @@ def test_udfc_compensation_is_exact_when_pruned_channels_are_combinations(rng):
 
 def test_quantized_output_is_qdq_and_runs(rng):
     model = conv_chain()
-    out = compress_model(model, CompressConfig(prune_ratio=0.25, weight_bits=4)).model
+    out = compress_model(model, CompressConfig(prune_ratio=0.25, weight_bits=4, symmetric=True)).model
     onnx.checker.check_model(out, full_check=True)
     dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 4  # three convs and the Gemm

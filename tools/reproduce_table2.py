@@ -311,6 +311,99 @@ def ablation_mean_weight(ctx, args):
                  _ratio_cols(args.ratios, "4"))
 
 
+def _oracle_arrays(ctx: Context, ratio: float, fit_x: np.ndarray, sequential: bool) -> onnx.ModelProto:
+    """Data-DRIVEN upper bound of UDFC's compensation family (diagnostic only, uses images).
+
+    L1 kept sets as the paper; each pruned channel's post-ReLU activation is regressed on the kept
+    ones plus a constant with real activations of ``fit_x``. ``sequential``: each unit is fitted on
+    the activations of the network whose earlier units are already compressed, with the original
+    network's activations as targets (every input slice of the consumer is refitted).
+    """
+    from onnx import helper
+
+    from udfc_onnx.compensate import _consumer_view, _from_consumer_view
+    from udfc_onnx.graph import GraphView
+    from udfc_onnx.pipeline import _prepare, analyze, collect_layers
+    from udfc_onnx.rewrite import apply_arrays
+
+    cfg = CompressConfig(prune_ratio=ratio, weight_bits=None, criterion="l1")
+    model = _prepare(ctx.model, cfg, [])
+    folded, _, _, plan, _ = analyze(model, cfg)
+    layers = collect_layers(folded)
+    view = GraphView(folded)
+    arrays = {}
+    for layer in layers.values():
+        arrays[layer.weight] = view.array(layer.weight)
+        arrays[layer.bias] = (view.array(layer.bias) if layer.bias in view.initializers
+                              else np.zeros(layer.out_major(arrays[layer.weight]).shape[0], np.float32))
+
+    def activations(m, names):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(m)
+        for n in names:
+            probe.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(list(names), {sess.get_inputs()[0].name: fit_x})
+        return {n: np.maximum(o, 0).transpose(0, 2, 3, 1).reshape(-1, o.shape[1]).astype(np.float64)
+                for n, o in zip(names, outs)}
+
+    outputs = {up.unit.producer: view.nodes_by_name[up.unit.producer].output[0] for up in plan.units}
+    original = activations(folded, list(outputs.values()))
+    for up in plan.units:
+        unit = up.unit
+        keep = np.asarray(up.keep)
+        prod, cs = layers[unit.producer], unit.consumers[0]
+        cons = layers[cs.node]
+        W = prod.out_major(arrays[prod.weight])
+        C = W.shape[0]
+        target = original[outputs[unit.producer]]
+        inputs = activations(apply_arrays(folded, arrays, layers)[0], [outputs[unit.producer]])[outputs[unit.producer]] \
+            if sequential else target
+        X = np.hstack([inputs[:, keep], np.ones((len(inputs), 1))])
+        gram = X.T @ X
+        gram += 1e-6 * np.trace(gram) / len(gram) * np.eye(len(gram))
+        full = _consumer_view(cons, arrays[cons.weight], cs, C).astype(np.float64)
+        if sequential:  # every input slice refitted to the original activations
+            coef = np.linalg.solve(gram, X.T @ target)  # (t+1, C)
+            new = np.einsum("ocb,kc->okb", full, coef[:-1])
+            const = full.sum(2) @ coef[-1]
+        else:  # pruned slices folded into kept ones, kept slices unchanged
+            drop = np.setdiff1d(np.arange(C), keep)
+            coef = np.linalg.solve(gram, X.T @ target[:, drop])  # (t+1, p)
+            new = full[:, keep] + np.einsum("ojb,kj->okb", full[:, drop], coef[:-1])
+            const = full[:, drop].sum(2) @ coef[-1]
+        arrays[cons.bias] = (arrays[cons.bias] + const).astype(np.float32)
+        arrays[cons.weight] = _from_consumer_view(cons, new, arrays[cons.weight]).astype(np.float32)
+        arrays[prod.weight] = prod.stored(W[keep]).astype(np.float32)
+        arrays[prod.bias] = arrays[prod.bias][keep]
+    return apply_arrays(folded, arrays, layers)[0]
+
+
+def ablation_oracle(ctx, args):
+    """Data-driven ceilings of the compensation family (diagnostic: uses the last test images)."""
+    x, _ = preprocessed(Path(args.data), *normalization_for(ctx.path, args.norm))
+    n_fit = args.oracle_images
+    fit_x = np.ascontiguousarray(x[len(x) - n_fit:])
+    overlap = max(0, ctx.images - (len(x) - n_fit))
+    lines = [f"**Data-driven ceilings (fitted on the last {n_fit} test images{', ' + str(overlap) + ' of them also evaluated' if overlap else ', disjoint from the evaluated ones'}; L1 kept sets)** "
+             f"({ctx.path.stem}, baseline {ctx.baseline:.2f} % on {ctx.images} images)", "",
+             "| setting | " + " | ".join(f"{r:.0%} float" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
+    for label, seq in (("per-layer least squares on real activations", False),
+                       ("sequential least squares on real activations", True)):
+        cells = []
+        for r in args.ratios:
+            start = time.perf_counter()
+            acc = ctx.evaluate(_oracle_arrays(ctx, r, fit_x, seq))
+            print(f"  oracle {label} {r}: {acc:.2f} [{time.perf_counter() - start:.0f}s]", file=sys.stderr, flush=True)
+            cells.append(ctx.cell(acc))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [ctx.cell(ctx.accuracy(prune_ratio=r, weight_bits=None)) for r in args.ratios]
+    lines.append("| data-free defaults (for comparison) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 ABLATIONS = {
     "leads": ablation_leads,
     "alpha1": ablation_alpha1,
@@ -325,6 +418,7 @@ ABLATIONS = {
     "bits": ablation_bits,
     "selection": ablation_selection,
     "mean-weight": ablation_mean_weight,
+    "oracle": ablation_oracle,
 }
 
 
@@ -384,6 +478,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field everywhere")
     p.add_argument("--ablation", nargs="+", default=None, metavar="NAME", help="ablation tables to run ('list', 'all')")
     p.add_argument("--bits-range", nargs="+", type=int, default=[2, 3, 4, 5, 6, 8], help="bits of --ablation bits")
+    p.add_argument("--oracle-images", type=int, default=1000, help="images --ablation oracle fits on (the last ones)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs pruning ratio")
     p.add_argument("--plot-ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     p.add_argument("--plot-criterion", choices=["l1", "l2"], default="l1")
