@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     print("\n| model | setting | where the compressor's time goes (s) |\n|---|---|---|")
     for r in time_rows:
         print("| " + " | ".join(r) + " |")
-    print(f"\nfile sizes: " + ", ".join(f"{n} {p.stat().st_size / 1e6:.1f} MB" for n, p in models.items()))
+    print("\nfile sizes: " + ", ".join(f"{n} {p.stat().st_size / 1e6:.1f} MB" for n, p in models.items()))
     print(f"outputs in {out_dir}")
     return 0
 

@@ -217,7 +217,7 @@ def ablation_alpha2(ctx, args):
     rows = [(f"alpha2 = {a:g}", dict(PAPER, alpha2=a)) for a in (0, 1e-3, 4e-3, 8e-3, 0.016, 0.04, 0.1)]
     rows.append(("no quant compensation", dict(PAPER, quant_compensation="none")))
     cols = [(f"{b}-bit, ratio 0", dict(prune_ratio=0.0, weight_bits=b)) for b in (2, 3)]
-    cols += [(f"4-bit, ratio 50%", dict(prune_ratio=0.5, weight_bits=4))]
+    cols += [("4-bit, ratio 50%", dict(prune_ratio=0.5, weight_bits=4))]
     return _grid(ctx, "alpha2 sweep (paper reading; s^q in the consumer; Fig. 3 right analogue: 2-bit)", rows, cols)
 
 
