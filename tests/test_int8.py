@@ -125,6 +125,21 @@ def test_narrow_range_4bit_weights_keep_the_fused_kernel(tmp_path):
     assert weights and all(np.abs(w).max() <= 7 for w in weights)
 
 
+@pytest.mark.parametrize("activations, multiple, kept", [
+    ("uint8", None, [16, 32, 48, 48]),  # int8 default: multiples of 16 (9 -> 16 leaves a unit whole)
+    ("uint8", 1, [9, 19, 38, 38]),      # the paper's int(C*(1-r))
+    ("float", None, [9, 19, 38, 38]),
+    ("float", 8, [16, 24, 40, 40]),
+])
+def test_int8_output_keeps_channel_counts_in_multiples_of_16(activations, multiple, kept):
+    model = build_conv_chain(channels=(3, 16, 32, 64, 64))
+    config = CompressConfig(prune_ratio=0.4, weight_bits=8, activations=activations, channel_multiple=multiple)
+    _, _, _, plan, _ = analyze(model, config)
+    assert sorted(len(up.keep) for up in plan.units) == kept
+    result = compress_model(model, config)
+    assert any("multiples of 16" in n for n in result.notes) == (activations == "uint8" and multiple is None)
+
+
 def test_asymmetric_request_is_made_symmetric():
     result = compress_model(conv_chain(), CompressConfig(**W8A8, symmetric=False))
     assert any("symmetric" in note for note in result.notes) and not result.int8.weight_only
@@ -186,6 +201,8 @@ def test_calibrated_ranges_are_the_observed_min_max(tmp_path, rng):
     (dict(calibration="x.npz"), "calibration"),
     (dict(int4_storage=True, weight_bits=8), "int4_storage"),
     (dict(calibration_norm="mnist"), "calibration_norm"),
+    (dict(channel_multiple=0), "channel_multiple"),
+    (dict(channel_multiple=True), "channel_multiple"),
 ])
 def test_config_rejects(changes, match):
     with pytest.raises(InvalidConfigError, match=match):

@@ -70,6 +70,12 @@ def test_keep_count_matches_paper_rounding():
     assert keep_count(3, 0.99) == 1
 
 
+def test_keep_count_rounds_up_to_a_multiple_but_not_past_all_channels():
+    assert [keep_count(64, r, 16) for r in (0.3, 0.4, 0.5)] == [48, 48, 32]
+    assert keep_count(16, 0.5, 16) == 16 and keep_count(12, 0.9, 16) == 12
+    assert keep_count(40, 0.5, 8) == 24 and keep_count(40, 0.5, 1) == 20
+
+
 def test_select_keep_sorted_top_scores():
     scores = np.array([0.1, 5, 3, 3, 0.2])
     assert select_keep(scores, 3).tolist() == [1, 2, 3]

@@ -83,6 +83,9 @@ def _add_pruning(g, d: CompressConfig) -> None:
                    help=f"filter norm that ranks channels (default: {d.criterion})")
     g.add_argument("--method", choices=["udfc", "nm", "prune"], default=None,
                    help=f"compensation: UDFC closed form, Neuron Merging, or none (default: {d.method})")
+    g.add_argument("--channel-multiple", dest="channel_multiple", type=int, default=None, metavar="M",
+                   help="round each kept channel count up to a multiple of M (default: 16 with --activations uint8, "
+                        "whose int8 kernels run narrower convs slower; else 1, the paper's int(C*(1-R)))")
     g.add_argument("--prune-residual", dest="prune_residual", action="store_const", const=True, default=None,
                    help="also prune residual streams, each as one channel group over all its producers and consumers "
                         "(no filter compensation) (default: off: only convs inside residual blocks are pruned)")

@@ -18,6 +18,9 @@ GRANULARITIES = ("channel", "tensor")
 # Below this width the symmetric grid loses too much (tools/reproduce_table2.py --ablation bits: on
 # resnet56_nm at ratio 0 with bias correction, 4-bit symmetric -0.62 vs asymmetric -0.43, 3-bit -3.91 vs -1.07).
 AUTO_ASYMMETRIC_BELOW = 5
+# ORT CPU QLinearConv on resnet56_nm (tools/benchmark.py, settings p50-w4a8 vs p50-w4a8-m1): a conv with 8 output
+# channels takes longer than the same conv with 16, so int8 output keeps counts in multiples of 16.
+INT8_CHANNEL_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,11 @@ class CompressConfig:
         Regress pruned filters on the quantized kept filters (spec 4 variant a).
     nm_ratio : {"published", "derived"}, default="published"
         BN ratio of the Neuron Merging baseline.
+    channel_multiple : int or None, default=None
+        Round each unit's kept channel count up to a multiple of this (at most all channels).
+        None chooses by output: 16 with ``activations="uint8"`` (ORT's QLinearConv runs a
+        conv with fewer than 16 output channels slower than one with 16: README, int8 section),
+        1 otherwise (the paper's ``int(C*(1-r))``).
     prune_residual : bool, default=False
         Also prune residual streams, each as one channel group over all its producers and
         consumers (no filter compensation); by default only convs inside residual blocks are pruned.
@@ -96,6 +104,7 @@ class CompressConfig:
     regress_on_quantized: bool = True
     nm_ratio: str = "published"
     prune_residual: bool = False
+    channel_multiple: int | None = None
 
     regression: str = "moments"
     selection: str = "greedy"
@@ -166,7 +175,17 @@ class CompressConfig:
             auto = name in ("symmetric", "bias_transfer", "bias_correction")
             if not (isinstance(v, bool) or (v is None and auto)):
                 raise InvalidConfigError(f"{name} must be true or false{' (or null for auto)' if auto else ''}, got {v!r}")
+        m = self.channel_multiple
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 1024):
+            raise InvalidConfigError(f"channel_multiple must be an integer in [1, 1024] (or None for auto), got {m!r}")
         self._check_int8_fields()
+
+    @property
+    def kept_multiple(self) -> int:
+        """Multiple the kept channel counts are rounded up to (``channel_multiple``, resolved)."""
+        if self.channel_multiple is not None:
+            return self.channel_multiple
+        return INT8_CHANNEL_MULTIPLE if self.activations == "uint8" else 1
 
     @property
     def use_bias_transfer(self) -> bool:

@@ -109,7 +109,8 @@ def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict |
     units, skipped = find_units(folded, prune_residual=config.prune_residual)
     units = limit_to_statistics(units, stats)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
-                     weight_bits=config.weight_bits, overrides=overrides)
+                     weight_bits=config.weight_bits, overrides=overrides,
+                     channel_multiple=config.kept_multiple)
     return folded, stats, raw_filters, plan, fold_record
 
 
@@ -145,6 +146,11 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
             out_ch = layer.out_major(arrays[layer.weight]).shape[0]
             arrays[layer.bias] = np.zeros(out_ch, arrays[layer.weight].dtype)
     plan = restrict_to_layers(plan, layers)
+    asks_pruning = config.prune_ratio > 0 or any(o.ratio for o in resolved.values())
+    if config.kept_multiple > 1 and asks_pruning:
+        why = "int8 kernels run narrower convs slower; " if config.channel_multiple is None else ""
+        notes.append(f"kept channel counts rounded up to multiples of {config.kept_multiple} "
+                     f"({why}--channel-multiple 1 keeps the paper's int(C*(1-r)))")
     arrays.update(member_arrays(folded, [u.unit for u in plan.units]))
     clock.lap("read weights")
     # Data-free activation moments for UDFC's regression/selection and the bias correction (issue 3).

@@ -73,8 +73,11 @@ def _group_scores(unit: PruneUnit, raw_filters: dict[str, np.ndarray], criterion
 def make_plan(
     units: list[PruneUnit], skipped: list[Skip], raw_filters: dict[str, np.ndarray], *,
     prune_ratio: float, criterion: str, weight_bits: int | None, overrides: Mapping | None = None,
+    channel_multiple: int = 1,
 ) -> Plan:
     """Rank each unit's channels on its raw filters and keep the top int(C*(1-r)).
+
+    ``channel_multiple`` rounds each kept count up to a multiple of it (``solve.keep_count``).
 
     Parameters
     ----------
@@ -89,7 +92,8 @@ def make_plan(
     for unit in units:
         override = (overrides or {}).get(unit.producer)
         ratio = override.ratio if override is not None and override.ratio is not None else prune_ratio
-        n_keep = unit.channels if override is not None and override.skip else keep_count(unit.channels, ratio)
+        n_keep = unit.channels if override is not None and override.skip else keep_count(unit.channels, ratio,
+                                                                                             channel_multiple)
         if n_keep >= unit.channels:
             keep = tuple(range(unit.channels))
         else:
