@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from . import __version__
+from .canonical import matmul_to_gemm
 from .compensate import Layer, Solution, layer_bits_for, solve_plan
 from .config import CompressConfig
 from .errors import InvalidConfigError, ValidationError, first_line
@@ -89,6 +90,10 @@ def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str], q
     renamed = ensure_node_names(model_copy)
     if renamed:
         notes.append(f"named {renamed} unnamed or duplicate nodes")
+    model_copy, canonical = matmul_to_gemm(model_copy)
+    if canonical.rewritten:
+        notes.append(f"wrote {len(canonical.rewritten)} MatMul with a constant 2-D weight as Gemm "
+                     f"({len(canonical.biases_absorbed)} with their bias Add) so they are pruned and quantized like Gemm")
     opset = default_opset(model_copy)
     quantize = config.weight_bits is not None if quantize is None else quantize
     if quantize and opset < MIN_QDQ_OPSET:
