@@ -226,3 +226,17 @@ def test_e_units_on_raw_filters_equal_b_units_on_folded_filters(rng):
     s = solve_prune_coefficients(raw_k, raw_p, b_k / a_k, b_p / a_p, alpha=0.05)
     c = solve_prune_coefficients(raw_k * a_k, raw_p * a_p, b_k, b_p, alpha=0.05)
     np.testing.assert_allclose(c, s * a_p[None, :] / a_k[:, None], rtol=1e-9, atol=1e-12)
+
+
+def test_neuron_merging_leaves_dead_channels_unmerged(rng):
+    # Channel 3 is a scaled copy of channel 0 (a perfect NM match) but its gamma is ~0: merging it
+    # would scale the consumer by gamma_0/gamma_3 ~ 1e5. It is pruned plainly instead.
+    w = rng.standard_normal((4, 3, 3, 3))
+    w[3] = 2 * w[0]
+    gamma = np.array([1.0, 0.8, 1.2, 1e-5])
+    beta, mean, var = np.zeros(4), np.zeros(4), np.ones(4)
+    coef = neuron_merging_coefficients(w, gamma, beta, mean, var, np.array([0, 1, 2]))
+    assert np.all(coef == 0)
+    gamma[3] = 0.5  # alive again: merged into channel 0 with NM's published ratio
+    coef = neuron_merging_coefficients(w, gamma, beta, mean, var, np.array([0, 1, 2]))
+    assert coef[0, 0] == pytest.approx(2 * 1.0 / 0.5) and np.count_nonzero(coef) == 1

@@ -357,6 +357,10 @@ def solve_quant_scales(
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
 
 
+# Relative |gamma| below which a BN channel counts as dead for Neuron Merging (see its Notes).
+DEAD_GAMMA = 1e-3
+
+
 def neuron_merging_coefficients(
     raw_filters: np.ndarray,
     gamma: np.ndarray,
@@ -391,6 +395,13 @@ def neuron_merging_coefficients(
     -------
     coef : ndarray of shape (t, p)
         One nonzero per column at most; apply with :func:`apply_compensation`.
+
+    Notes
+    -----
+    A channel whose |gamma| is below ``DEAD_GAMMA`` of the layer's largest carries only its
+    constant beta; NM's ratio divides by its gamma, so merging it (or into it) would multiply the
+    consumer weights by up to 1e5 (inf logits on models with dead channels). Such channels are
+    not merged; they are pruned plainly.
     """
     C = raw_filters.shape[0]
     flat = raw_filters.reshape(C, -1).astype(np.float64)
@@ -402,7 +413,10 @@ def neuron_merging_coefficients(
     beta = np.asarray(beta, np.float64)
     mean = np.asarray(mean, np.float64)
     var = np.asarray(var, np.float64)
+    alive = np.abs(gamma) > DEAD_GAMMA * max(float(np.abs(gamma).max()), 1e-30)
     for col, j in enumerate(drop):
+        if not alive[j]:
+            continue
         wj = flat[j]
         denom = np.maximum(norms[keep] * norms[j], 1e-12)
         cos = kept_f @ wj / denom
@@ -421,7 +435,7 @@ def neuron_merging_coefficients(
         bias = bias / np.where(scale != 0, np.abs(scale), 1.0)
         span = bias.max() - bias.min()
         bias_norm = (bias - bias.min()) / span if span > 0 else np.zeros_like(bias)
-        score = lam * dist + (1 - lam) * bias_norm
+        score = np.where(alive[keep], lam * dist + (1 - lam) * bias_norm, np.inf)
         best = int(np.argmin(score))
         if cos[best] >= threshold and np.isfinite(scale[best]):
             coef[best, col] = scale[best]
