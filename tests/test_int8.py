@@ -140,6 +140,17 @@ def test_int8_output_keeps_channel_counts_in_multiples_of_16(activations, multip
     assert any("multiples of 16" in n for n in result.notes) == (activations == "uint8" and multiple is None)
 
 
+def test_pruning_below_16_channels_in_int8_is_flagged(tmp_path, capsys):
+    src, out = tmp_path / "chain.onnx", tmp_path / "out.onnx"
+    onnx.save(build_conv_chain(channels=(3, 16, 32, 32)), src)
+    assert main([str(src), str(out), "--activations", "uint8", "--prune-ratio", "0.5", "--channel-multiple", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: 1 pruned unit(s) keep fewer than 16 channels" in printed and ": 8/16)" in printed
+    out.unlink()
+    assert main([str(src), str(out), "--activations", "uint8", "--prune-ratio", "0.5"]) == 0
+    assert "fewer than 16" not in capsys.readouterr().out
+
+
 def test_asymmetric_request_is_made_symmetric():
     result = compress_model(conv_chain(), CompressConfig(**W8A8, symmetric=False))
     assert any("symmetric" in note for note in result.notes) and not result.int8.weight_only

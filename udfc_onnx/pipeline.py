@@ -25,7 +25,7 @@ import onnx
 from . import __version__
 from .canonical import matmul_to_gemm
 from .compensate import Layer, Solution, layer_bits_for, solve_plan
-from .config import CompressConfig
+from .config import INT8_CHANNEL_MULTIPLE, CompressConfig
 from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names
@@ -57,6 +57,10 @@ class CompressResult:
     layer_bits: dict = field(default_factory=dict)  # Conv/Gemm name -> weight bits (None: float)
     int8: Int8Record | None = None  # set when activations="uint8"
     timings: dict = field(default_factory=dict)  # seconds per pass
+
+
+# ORT CPU's QLinearConv with fewer output channels than this runs no faster than with this many.
+NARROW_INT8_CONV = INT8_CHANNEL_MULTIPLE
 
 
 def collect_layers(model: onnx.ModelProto) -> dict[str, Layer]:
@@ -510,4 +514,11 @@ def _check_fusion(path: Path, solution: Solution, notes: list[str]) -> dict:
     except Exception as exc:  # the output already passed validation; this is information only
         notes.append(f"ORT fusion check failed: {first_line(exc)}")
         return {}
-    return dict(asdict(fusion), summary=fusion.summary())
+    report = dict(asdict(fusion), summary=fusion.summary())
+    narrow = [u for u in solution.units if u.kept < NARROW_INT8_CONV <= u.channels]
+    if fusion.fused_convs and narrow:
+        report["warnings"].append(
+            f"{len(narrow)} pruned unit(s) keep fewer than {NARROW_INT8_CONV} channels (e.g. {narrow[0].producer}: "
+            f"{narrow[0].kept}/{narrow[0].channels}): ORT's QLinearConv runs such convs no faster than with "
+            f"{NARROW_INT8_CONV}, so that pruning costs accuracy for no speed (--channel-multiple 16 avoids it)")
+    return report
