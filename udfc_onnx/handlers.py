@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphView, attribute
+from .load import shape_skeleton
 
 __all__ = ["Role", "Activation", "ParamSlice", "HANDLERS", "classify", "ChannelShapes"]
 
@@ -104,7 +105,8 @@ class ChannelShapes:
     def __init__(self, model: onnx.ModelProto):
         self.dims: dict[str, list[int | None]] = {}
         try:
-            inferred = onnx.shape_inference.infer_shapes(model)
+            # On a skeleton: serialising the weights for inference cost as much as loading the model.
+            inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model, value_info=True))
         except Exception:  # an unknown op or a broken shape function: fall back to what the graph states
             inferred = model
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):

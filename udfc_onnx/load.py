@@ -72,8 +72,12 @@ def _external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
     return files
 
 
-def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` for shape inference: large initializers keep dims and type, not data."""
+def shape_skeleton(model: onnx.ModelProto, *, value_info: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference: large initializers keep dims and type, not data.
+
+    ``value_info=True`` also copies the graph's value_info (shapes the model states itself, which
+    inference keeps where it cannot infer them, e.g. after a custom op).
+    """
     m = onnx.ModelProto(ir_version=model.ir_version)
     m.opset_import.extend(model.opset_import)
     m.functions.extend(model.functions)
@@ -82,6 +86,8 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     m.graph.node.extend(g.node)
     m.graph.input.extend(g.input)
     m.graph.output.extend(g.output)
+    if value_info:
+        m.graph.value_info.extend(g.value_info)
     for t in g.initializer:
         small = math.prod(t.dims) <= _SHAPE_ONLY_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL
         m.graph.initializer.append(t if small else onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphView, attribute
+from .load import shape_skeleton
 from .moments import (LayerInput, conv_output_covariance, correlation, fit_spatial_correlation, relu_moments,
                       tap_fractions)
 from .stats import BNStats
@@ -36,7 +37,7 @@ PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", 
 
 def _spatial_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model, value_info=True))
     except Exception:  # sizes only refine border handling; without them every tap counts fully
         return {}
     sizes = {}
