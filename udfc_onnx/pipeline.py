@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from . import __version__
+from .resources import limit_blas_threads, release_memory
 from .compensate import Layer, Solution, layer_bits_for, solve_plan
 from .config import CompressConfig
 from .errors import InvalidConfigError, ValidationError, first_line
@@ -37,7 +38,7 @@ from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
 from .report import DryRun, ModelInfo, Report
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
-from .units import find_units, limit_to_statistics, member_arrays, raw_filters_of
+from .units import RawFilterReader, find_units, limit_to_statistics, member_arrays, raw_filters_of
 from .validate import resolve_input_shapes, run_reference, validate_file
 
 __all__ = ["CompressResult", "FileOptions", "analyze", "compress_model", "compress_file", "plan_file", "set_metadata"]
@@ -97,15 +98,19 @@ def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str], q
     return model_copy
 
 
-def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict | None = None, inplace: bool = False):
+def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict | None = None, inplace: bool = False,
+            folded_weights: dict[str, np.ndarray] | None = None):
     """Read stats, fold BN and plan, without solving: (folded model, stats, raw filters, plan, fold record).
 
     ``overrides`` maps node names to resolved per-layer ``--config`` settings; ``inplace=True``
-    folds ``model`` itself instead of a copy.
+    folds ``model`` itself instead of a copy. ``folded_weights``: a dict that receives the folded
+    Conv/Gemm weights, which are then not written into the folded model (its weight initializers
+    keep their unfolded values, and the raw filters are read from them on demand): the caller
+    writes them. This keeps one copy of the weights where the default keeps three.
     """
     stats = read_bn_stats(model)
-    raw_filters = raw_filters_of(model)
-    folded, fold_record = fold_batchnorm(model, inplace=inplace)
+    raw_filters = raw_filters_of(model) if folded_weights is None else RawFilterReader(model)
+    folded, fold_record = fold_batchnorm(model, inplace=inplace, weights_out=folded_weights)
     units, skipped = find_units(folded, prune_residual=config.prune_residual)
     units = limit_to_statistics(units, stats)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
@@ -120,7 +125,14 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
     ``overrides`` are the per-layer rules of a ``--config`` file; a rule naming no node raises
     InvalidConfigError. The input is not modified, unless ``inplace=True``: then it is consumed
     (edited by the passes and left meaningless), which saves full-model copies on large models.
+    NumPy's BLAS runs on ``UDFC_BLAS_THREADS`` threads (default 1) meanwhile: see :mod:`udfc_onnx.resources`.
     """
+    with limit_blas_threads():
+        return _compress_model(model, config, overrides=overrides, inplace=inplace)
+
+
+def _compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides: OverrideRules | None,
+                    inplace: bool) -> CompressResult:
     notes: list[str] = []
     clock = _Clock()
     if config.activations == "uint8" and not config.symmetric:
@@ -130,32 +142,44 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
                      inplace=inplace)
     resolved = overrides.resolve((n.name, n.op_type) for n in model.graph.node) if overrides else {}
     # From here on ``model`` is private to this call: the passes edit it instead of copying it.
-    folded, stats, raw_filters, plan, fold_record = analyze(model, config, overrides=resolved, inplace=True)
-    if config.method == "prune":  # raw filters were needed for the ranking only; free them before solving
+    # Folded weights live in ``folded_weights`` only: until the rewrite writes them, the model's
+    # weight initializers hold the unfolded values (which are the raw filters).
+    folded_weights: dict[str, np.ndarray] = {}
+    folded, stats, raw_filters, plan, fold_record = analyze(model, config, overrides=resolved, inplace=True,
+                                                            folded_weights=folded_weights)
+    del model
+    if config.method == "prune":  # raw filters were needed for the ranking only
         raw_filters = {}
     clock.lap("analyze (fold BN, units, plan)")
     layers = collect_layers(folded)
     view = GraphView(folded)
     arrays: dict[str, np.ndarray] = {}
     for layer in layers.values():
-        arrays[layer.weight] = view.array(layer.weight)
+        arrays[layer.weight] = folded_weights[layer.weight] if layer.weight in folded_weights else view.array(layer.weight)
         if layer.bias in view.initializers:
             arrays[layer.bias] = view.array(layer.bias)
         else:
             out_ch = layer.out_major(arrays[layer.weight]).shape[0]
             arrays[layer.bias] = np.zeros(out_ch, arrays[layer.weight].dtype)
     plan = restrict_to_layers(plan, layers)
-    arrays.update(member_arrays(folded, [u.unit for u in plan.units]))
+    members = member_arrays(folded, [u.unit for u in plan.units])
+    arrays.update({name: folded_weights.get(name, value) for name, value in members.items()})
     clock.lap("read weights")
     # Data-free activation moments for UDFC's regression/selection and the bias correction (issue 3).
-    layer_inputs = estimate_layer_inputs(folded, stats, raw_filters) if config.uses_moments else None
+    layer_inputs = estimate_layer_inputs(folded, stats, raw_filters, folded_weights) if config.uses_moments else None
+    if config.method != "nm":  # only Neuron Merging's coefficients read raw filters in the solve
+        raw_filters = {}
     clock.lap("input moments")
     solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved, layer_inputs=layer_inputs)
     clock.lap("solve")
-    del arrays, raw_filters  # unchanged weights stay in the model; changed ones are in the solution
+    del arrays, raw_filters
+    # The current value of every weight the passes touched: folded, then changed by the solution.
+    current = {**folded_weights, **solution.arrays}
+    del folded_weights
+    release_memory()
     # Float weights about to be replaced by integers are not written (saves a model-sized copy);
-    # their initializers keep stale values until the QDQ pass drops them.
-    to_write = {k: v for k, v in solution.arrays.items() if k not in solution.quantized}
+    # their initializers keep stale (unfolded) values until the QDQ pass drops them.
+    to_write = {k: v for k, v in current.items() if k not in solution.quantized}
     rewritten, _ = apply_arrays(folded, to_write, layers, inplace=True, new_shapes=solution.arrays)
     int8 = None
     if config.activations == "uint8" or config.int4_storage:
@@ -163,7 +187,7 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
         keep = {name: up.keep for up in plan.units
                 for name in (*up.unit.all_producers, *(m.node for m in up.unit.members))}
         rewritten, int8 = quantize_activations(rewritten, solution.quantized, layers, stats, keep, config,
-                                               arrays=solution.arrays)
+                                               arrays=current)
         notes.append(f"int8: {len(int8.int8_layers)} Conv/Gemm with uint8 activations, {len(int8.weight_only)} weight-only; "
                      f"ranges from {int8.range_source}")
     elif solution.quantized:
@@ -195,8 +219,9 @@ class _Clock:
 
 
 # Random-input check budget: multiply-accumulates of the original over all samples (8 CIFAR
-# ResNets, 3 ResNet-50 images at 224x224), so validating a large model stays a fraction of a run.
-VALIDATION_MACS = 16e9
+# ResNets, 1 ResNet-50 image at 224x224; at least one sample always), so validating a large model
+# stays a fraction of a run.
+VALIDATION_MACS = 8e9
 
 
 def set_metadata(model: onnx.ModelProto, items: Mapping[str, str]) -> None:
@@ -406,6 +431,7 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     samples = min(options.check_n, max(1, int(VALIDATION_MACS // max(before.macs, 1))))
     expected = run_reference(loaded.model, n_samples=samples, seed=options.seed, shape_overrides=shapes,
                              reference_path=str(src))
+    release_memory()  # the reference session is gone; without this its heap stays under every later peak
     clock.lap("run original")
     step("compress")
     # The loaded model is handed over (no copy): validation compares with the outputs run above.
