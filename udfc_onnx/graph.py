@@ -121,3 +121,36 @@ def ensure_node_names(model: onnx.ModelProto) -> int:
         seen.add(name)
         renamed += 1
     return renamed
+
+
+def without_initializer_data(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``names`` keep name, type and dims but no values.
+
+    For a caller that holds those values elsewhere and will write or drop them before saving: the
+    copy never holds them, and once the original goes, the memory of their old values goes with it
+    (a protobuf message frees nothing it held before the whole message is freed).
+    """
+    graph = onnx.GraphProto()
+    _copy_fields(model.graph, graph, skip="initializer")
+    for t in model.graph.initializer:
+        if t.name in names:
+            graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        else:
+            graph.initializer.append(t)
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    out.graph.CopyFrom(graph)
+    return out
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except the one named ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated field (scalars or messages)
+            getattr(dst, fd.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # message field
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)

@@ -17,7 +17,7 @@ from onnx import external_data_helper, numpy_helper
 
 from .errors import InvalidModelError, UnsupportedModelError, first_line
 
-__all__ = ["LoadedModel", "read_model", "load_model", "check_supported", "check_channels", "check_finite", "shape_skeleton", "default_opset", "MIN_OPSET",
+__all__ = ["LoadedModel", "read_model", "reread_model", "load_model", "check_supported", "check_channels", "check_finite", "shape_skeleton", "default_opset", "MIN_OPSET",
            "QUANTIZED_OPS", "PROTOBUF_LIMIT"]
 
 MIN_OPSET = 11
@@ -50,6 +50,7 @@ class LoadedModel:
     path: Path
     external_data: bool
     file_bytes: int
+    signature: tuple = ()  # (size, mtime_ns) of the file when it was read: see :func:`reread_model`
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -213,6 +214,20 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         size = p.stat().st_size
         if size == 0:
             raise InvalidModelError(f"{p}: empty file")
+    except OSError as exc:
+        raise InvalidModelError(f"{p}: cannot read ({exc.strerror or first_line(exc)})") from None
+    # The checker reads the file itself (by path: serialising a large model again cost as much as
+    # loading it; and above 2 GB it must, with the external data). It runs before this process
+    # reads the model, so its own copy does not stack on the load's peak (file bytes + parsed
+    # model); its verdict is given after the checks below, which name the problem more precisely.
+    # full_check adds strict shape inference: a model whose shapes do not agree is refused here,
+    # not found out in the middle of the solver.
+    try:
+        onnx.checker.check_model(str(p), full_check=True)
+        checker_error = None
+    except Exception as exc:
+        checker_error = first_line(exc)
+    try:
         with open(p, "rb") as f:  # read first: a permission problem is not a decode problem
             data = f.read()
     except OSError as exc:
@@ -233,14 +248,8 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
     for f in files:
         if not f.is_file():
             raise InvalidModelError(f"{p}: external data file {f.name} is missing")
-    # The checker reads the file itself when the weights live outside it (and above 2 GB it must).
-    # full_check adds strict shape inference: a model whose shapes do not agree is refused here,
-    # not found out in the middle of the solver.
-    # By path in both cases: serialising a large model again cost as much as loading it.
-    try:
-        onnx.checker.check_model(str(p), full_check=True)
-    except Exception as exc:
-        raise InvalidModelError(f"{p}: fails onnx.checker: {first_line(exc)}") from None
+    if checker_error is not None:
+        raise InvalidModelError(f"{p}: fails onnx.checker: {checker_error}")
     if external:
         try:
             external_data_helper.load_external_data_for_model(model, str(p.parent))
@@ -249,7 +258,34 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
     check_supported(model, str(p))
     check_channels(model, str(p))
     check_finite(model, str(p))
-    return LoadedModel(model, p, external, size + sum(f.stat().st_size for f in files))
+    return LoadedModel(model, p, external, size + sum(f.stat().st_size for f in files), _signature(p, files))
+
+
+def _signature(path: Path, files: list[Path]) -> tuple:
+    return tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in [path, *files])
+
+
+def reread_model(loaded: LoadedModel) -> onnx.ModelProto:
+    """Parse the file of ``loaded`` again (a caller that dropped the model to free its memory).
+
+    Raises
+    ------
+    InvalidModelError
+        The file (or its external data) changed since :func:`read_model` checked it, or cannot be read.
+    """
+    p = loaded.path
+    try:
+        model = onnx.load_model_from_string(p.read_bytes())
+        files = _external_files(model, p.parent)
+        if _signature(p, files) != loaded.signature:
+            raise InvalidModelError(f"{p}: the file changed while it was being compressed")
+        if files:
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except InvalidModelError:
+        raise
+    except Exception as exc:
+        raise InvalidModelError(f"{p}: cannot read it again ({first_line(exc)})") from None
+    return model
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
