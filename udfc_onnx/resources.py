@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import importlib
 import os
 from collections.abc import Iterator
 
@@ -44,8 +45,7 @@ def blas_thread_controls():
         return _controls
     _searched = True
     try:
-        import numpy  # noqa: F401  (loads the BLAS whose threads are to be set)
-
+        importlib.import_module("numpy")  # loads the BLAS whose threads are to be set
         with open("/proc/self/maps") as f:
             paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
     except OSError:
