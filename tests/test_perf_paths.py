@@ -1,14 +1,11 @@
 """The compressor's fast and memory-saving paths give what the plain ones give (issue 5: speed and peak memory)."""
 import numpy as np
-import onnx
 import pytest
 
 from tests.graphs import conv_chain
 from udfc_onnx import moments, solve
-from udfc_onnx.errors import InvalidModelError
 from udfc_onnx.fold import fold_batchnorm
 from udfc_onnx.graph import GraphView, without_initializer_data
-from udfc_onnx.load import read_model, reread_model
 from udfc_onnx.resources import blas_thread_controls, limit_blas_threads, release_memory
 from udfc_onnx.units import RawFilterReader, raw_filters_of
 
@@ -114,16 +111,6 @@ def test_without_initializer_data_keeps_everything_but_the_named_values():
         assert (b.ByteSize() < a.ByteSize()) == (a.name in big)
     assert slim.graph.node == model.graph.node and slim.opset_import == model.opset_import
     assert slim.ir_version == model.ir_version and slim.graph.input == model.graph.input
-
-
-def test_reread_model_refuses_a_file_that_changed(tmp_path):
-    path = tmp_path / "m.onnx"
-    onnx.save(conv_chain(seed=0, spatial=8), path)
-    loaded = read_model(path)
-    assert reread_model(loaded) == loaded.model
-    onnx.save(conv_chain((3, 6, 6), seed=5, spatial=8), path)
-    with pytest.raises(InvalidModelError, match="changed while"):
-        reread_model(loaded)
 
 
 def test_blas_threads_are_limited_and_restored():

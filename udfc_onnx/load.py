@@ -17,7 +17,7 @@ from onnx import external_data_helper, numpy_helper
 
 from .errors import InvalidModelError, UnsupportedModelError, first_line
 
-__all__ = ["LoadedModel", "read_model", "reread_model", "load_model", "check_supported", "check_channels", "check_finite", "shape_skeleton", "default_opset", "MIN_OPSET",
+__all__ = ["LoadedModel", "read_model", "load_model", "check_supported", "check_channels", "check_finite", "shape_skeleton", "default_opset", "MIN_OPSET",
            "QUANTIZED_OPS", "PROTOBUF_LIMIT"]
 
 MIN_OPSET = 11
@@ -50,7 +50,6 @@ class LoadedModel:
     path: Path
     external_data: bool
     file_bytes: int
-    signature: tuple = ()  # (size, mtime_ns) of the file when it was read: see :func:`reread_model`
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -258,34 +257,7 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
     check_supported(model, str(p))
     check_channels(model, str(p))
     check_finite(model, str(p))
-    return LoadedModel(model, p, external, size + sum(f.stat().st_size for f in files), _signature(p, files))
-
-
-def _signature(path: Path, files: list[Path]) -> tuple:
-    return tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in [path, *files])
-
-
-def reread_model(loaded: LoadedModel) -> onnx.ModelProto:
-    """Parse the file of ``loaded`` again (a caller that dropped the model to free its memory).
-
-    Raises
-    ------
-    InvalidModelError
-        The file (or its external data) changed since :func:`read_model` checked it, or cannot be read.
-    """
-    p = loaded.path
-    try:
-        model = onnx.load_model_from_string(p.read_bytes())
-        files = _external_files(model, p.parent)
-        if _signature(p, files) != loaded.signature:
-            raise InvalidModelError(f"{p}: the file changed while it was being compressed")
-        if files:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
-    except InvalidModelError:
-        raise
-    except Exception as exc:
-        raise InvalidModelError(f"{p}: cannot read it again ({first_line(exc)})") from None
-    return model
+    return LoadedModel(model, p, external, size + sum(f.stat().st_size for f in files))
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:

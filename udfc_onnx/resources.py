@@ -99,10 +99,13 @@ _malloc_trim = None
 _trim_searched = False
 
 
-def release_memory() -> None:
-    """Collect garbage and hand the C heap's free pages back to the OS (glibc ``malloc_trim``)."""
+def release_memory(collect: bool = False) -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``), after a garbage
+    collection when ``collect`` (large arrays are freed by reference counting without one; a full
+    collection costs 15-50 ms)."""
     global _malloc_trim, _trim_searched
-    gc.collect()
+    if collect:
+        gc.collect()
     if not _trim_searched:
         _trim_searched = True
         try:
