@@ -201,7 +201,7 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
         notes.append(f"int8: {len(int8.int8_layers)} Conv/Gemm with uint8 activations, {len(int8.weight_only)} weight-only; "
                      f"ranges from {int8.range_source}")
     elif solution.quantized:
-        rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers)
+        rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers, inplace=True)
     clock.lap("rewrite + QDQ")
     set_metadata(rewritten, {"udfc_onnx.version": __version__, "udfc_onnx.config": json.dumps(config.to_dict()),
                              "udfc_onnx.overrides": json.dumps(overrides.to_dict() if overrides else {})})
