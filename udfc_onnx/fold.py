@@ -73,15 +73,16 @@ def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False,
         layer = view.producer[bn.input[0]]
         gamma, beta, mean, var = (view.array(n).astype(np.float64) for n in bn.input[1:5])
         a = gamma / np.sqrt(var + float(attribute(bn, "epsilon", 1e-5)))
-        weight = view.array(layer.input[1])
+        weight = view.array(layer.input[1], copy=False)
         dtype = weight.dtype
+        folded = weight.astype(np.float64)  # scaled in place: fewer weight-sized temporaries on large models
         if layer.op_type == "Conv":
             out_channels = weight.shape[0]
-            folded = weight.astype(np.float64) * a.reshape((-1,) + (1,) * (weight.ndim - 1))
+            folded *= a.reshape((-1,) + (1,) * (weight.ndim - 1))
         else:
             trans_b = attribute(layer, "transB", 0)
             out_channels = weight.shape[0] if trans_b else weight.shape[1]
-            folded = weight.astype(np.float64) * (a[:, None] if trans_b else a[None, :])
+            folded *= a[:, None] if trans_b else a[None, :]
         has_bias = len(layer.input) > 2 and layer.input[2]
         bias = view.array(layer.input[2]).astype(np.float64) if has_bias else np.zeros(out_channels)
         new_bias = a * (bias - mean) + beta

@@ -39,9 +39,11 @@ class GraphView:
         self.graph_outputs = {o.name for o in graph.output}
         self.graph_inputs = {i.name for i in graph.input}
 
-    def array(self, name: str) -> np.ndarray:
-        """Return initializer ``name`` as a NumPy array (a copy)."""
-        return numpy_helper.to_array(self.initializers[name]).copy()
+    def array(self, name: str, *, copy: bool = True) -> np.ndarray:
+        """Return initializer ``name`` as a NumPy array (a copy; ``copy=False``: possibly read-only,
+        one weight-sized allocation less for a caller that only reads it)."""
+        value = numpy_helper.to_array(self.initializers[name])
+        return value.copy() if copy else value
 
     def is_constant(self, name: str) -> bool:
         """True when ``name`` is an initializer and not overridable by a graph input."""

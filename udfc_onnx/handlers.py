@@ -416,7 +416,7 @@ def _constant_single_use(ctx: Context, name: str) -> bool:
 @_register("Conv")
 def _conv(node, ctx):
     group = int(attribute(node, "group", 1))
-    if len(node.input) < 2 or ctx.constant(node.input[1]) is None:
+    if len(node.input) < 2 or not ctx.view.is_constant(node.input[1]):  # (not its values: a copy of every weight)
         return _block(node, "weight is not a constant")
     weight = ctx.view.initializers.get(node.input[1])
     if weight is None or len(weight.dims) < 3:

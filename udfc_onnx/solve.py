@@ -72,11 +72,11 @@ def channel_scores(filters: np.ndarray, criterion: str = "l1") -> np.ndarray:
     -------
     ndarray of shape (C,)
     """
-    flat = filters.reshape(filters.shape[0], -1).astype(np.float64)
+    flat = filters.reshape(filters.shape[0], -1).astype(np.float64)  # a copy: squared or made positive in place
     if criterion == "l1":
-        return np.abs(flat).sum(axis=1)
+        return np.abs(flat, out=flat).sum(axis=1)
     if criterion == "l2":
-        return np.sqrt((flat**2).sum(axis=1))
+        return np.sqrt(np.square(flat, out=flat).sum(axis=1))
     raise ValueError(f"criterion must be 'l1' or 'l2', got {criterion!r}")
 
 

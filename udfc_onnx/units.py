@@ -672,7 +672,8 @@ def raw_filters_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 class RawFilterReader(Mapping):
-    """:func:`raw_filters_of` read on demand, one weight at a time, instead of a copy of every weight.
+    """:func:`raw_filters_of` read on demand, one weight at a time, instead of a copy of every weight
+    (the arrays may be read-only).
 
     Valid while the model's Conv/Gemm weight initializers hold their unfolded values (the model
     given to ``fold_batchnorm(..., weights_out=...)``); the graph is indexed at the first access.
@@ -693,7 +694,7 @@ class RawFilterReader(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         node = self._index()[name]
-        w = self._view.array(node.input[1])
+        w = self._view.array(node.input[1], copy=False)  # read only (ranking, moments, NM)
         return w.T if node.op_type == "Gemm" and w.ndim == 2 and not attribute(node, "transB", 0) else w
 
     def __iter__(self):
