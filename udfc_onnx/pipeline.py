@@ -30,7 +30,7 @@ from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names, without_initializer_data
 from .int8 import Int8Record, check_fusion, quantize_activations
-from .load import PROTOBUF_LIMIT, default_opset, read_model
+from .load import PROTOBUF_LIMIT, default_opset, read_model, shape_skeleton
 from .moment_graph import estimate_layer_inputs
 from .overrides import OverrideRules
 from .plan import Plan, make_plan, restrict_to_layers
@@ -202,17 +202,32 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
                      f"ranges from {int8.range_source}")
     elif solution.quantized:
         rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers, inplace=True)
+    del current, to_write  # everything is in the model now
+    release_memory()
     clock.lap("rewrite + QDQ")
     set_metadata(rewritten, {"udfc_onnx.version": __version__, "udfc_onnx.config": json.dumps(config.to_dict()),
                              "udfc_onnx.overrides": json.dumps(overrides.to_dict() if overrides else {})})
     try:
-        rewritten = onnx.shape_inference.infer_shapes(rewritten)
+        _infer_shapes_in_place(rewritten)
     except Exception as exc:  # shapes are a convenience for viewers; ORT does not need them
         notes.append(f"shape inference failed on the output: {exc}")
     clock.lap("shape inference")
     layer_bits = {name: solution.quantized[l.weight].bits if l.weight in solution.quantized else None
                   for name, l in layers.items()}
     return CompressResult(rewritten, plan, fold_record, solution, notes, resolved, layer_bits, int8, clock.laps)
+
+
+def _infer_shapes_in_place(model: onnx.ModelProto) -> None:
+    """Add what ONNX shape inference finds (value_info, output types) to ``model`` itself.
+
+    Inference runs on a copy without the weights' values: on the whole model it serialised and
+    parsed every weight again (two more copies of the output at the peak).
+    """
+    inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model, value_info=True))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for ours, found in zip(model.graph.output, inferred.graph.output):
+        ours.CopyFrom(found)
 
 
 class _Clock:
