@@ -1,5 +1,6 @@
 """The compressor's fast and memory-saving paths give what the plain ones give (issue 5: speed and peak memory)."""
 import numpy as np
+import onnx
 import pytest
 
 from tests.graphs import conv_chain
@@ -129,3 +130,29 @@ def test_blas_threads_are_limited_and_restored():
             assert get() == 2
     finally:
         set_(before)
+
+
+def test_output_shape_inference_in_place_equals_onnx_infer_shapes():
+    from udfc_onnx.pipeline import _infer_shapes_in_place
+
+    model = conv_chain(seed=4, spatial=8)
+    expected = onnx.shape_inference.infer_shapes(model)
+    _infer_shapes_in_place(model)
+    assert list(model.graph.value_info) == list(expected.graph.value_info) and len(model.graph.value_info) > 0
+    assert list(model.graph.output) == list(expected.graph.output)
+
+
+@pytest.mark.parametrize("settings", [dict(prune_ratio=0.3, weight_bits=8), dict(prune_ratio=0.3, weight_bits=None),
+                                      dict(prune_ratio=0.3, weight_bits=8, method="nm"),
+                                      dict(prune_ratio=0.3, weight_bits=4, method="prune", activations="uint8")])
+def test_compress_model_leaves_the_callers_model_and_matches_an_inplace_run(settings):
+    from udfc_onnx import CompressConfig, compress_model
+
+    model = conv_chain(seed=6, spatial=8)
+    before = model.SerializeToString()
+    copy_run = compress_model(model, CompressConfig(**settings)).model
+    assert model.SerializeToString() == before  # the weights moved out of a private copy, not the caller's
+    inplace_run = compress_model(onnx.load_from_string(before), CompressConfig(**settings), inplace=True).model
+    assert copy_run.SerializeToString() == inplace_run.SerializeToString()
+    assert all(t.ByteSize() > 0 and (t.raw_data or t.float_data or t.int32_data or not t.dims)
+               for t in copy_run.graph.initializer)  # no weightless placeholder left in the output
