@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .resources import limit_blas_threads, release_memory
 from .compensate import Layer, Solution, layer_bits_for, solve_plan
 from .config import CompressConfig
 from .errors import InvalidConfigError, ValidationError, first_line
@@ -36,6 +35,7 @@ from .overrides import OverrideRules
 from .plan import Plan, make_plan, restrict_to_layers
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
 from .report import DryRun, ModelInfo, Report
+from .resources import limit_blas_threads, release_memory
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
 from .units import RawFilterReader, find_units, limit_to_statistics, member_arrays, raw_filters_of
@@ -188,7 +188,8 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
     del folded_weights
     release_memory()
     # Float weights about to be replaced by integers are not written (saves a model-sized copy);
-    # their initializers keep stale (unfolded) values until the QDQ pass drops them.
+    # their initializers keep stale (unfolded) values, or none after the copy above, until the QDQ
+    # pass drops them.
     to_write = {k: v for k, v in current.items() if k not in solution.quantized}
     rewritten, _ = apply_arrays(folded, to_write, layers, inplace=True, new_shapes=solution.arrays)
     int8 = None
