@@ -4,7 +4,7 @@ BLAS threads.
 The solver's matrices are small to medium (up to a few thousand rows); OpenBLAS splits even
 those across threads, and when the cores are busy with anything else its worker threads wait
 for one another: a 179 x 179 Cholesky that takes 0.2 ms on one thread took 400 ms with two
-threads on a loaded 2-core machine, and the solve of ResNet-50 went from 0.9 s to 5-7 s.
+threads on a loaded 2-core machine, and the solve of ResNet-50 took 5-27 s instead of 0.5-0.9 s.
 So :func:`limit_blas_threads` runs the passes on ``UDFC_BLAS_THREADS`` threads (default 1;
 0 leaves the BLAS as configured) and restores the previous count afterwards.
 
@@ -13,16 +13,14 @@ has loaded; with any other BLAS, or off Linux, this is a no-op.
 
 Freed memory. glibc keeps most freed memory for reuse instead of giving it back: after the ORT
 session of a 100 MB model was freed, the process still held 250 MB it no longer used, and the
-next passes' peak stacked on top. :func:`release_memory` (a garbage collection and
-``malloc_trim``) returns it at the points where a large structure was just dropped; a no-op
-where there is no glibc.
+next passes' peak stacked on top. :func:`release_memory` (``malloc_trim``) returns it at the
+points where a large structure was just dropped; a no-op where there is no glibc.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
-import gc
 import importlib
 import os
 from collections.abc import Iterator
@@ -99,13 +97,13 @@ _malloc_trim = None
 _trim_searched = False
 
 
-def release_memory(collect: bool = False) -> None:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``), after a garbage
-    collection when ``collect`` (large arrays are freed by reference counting without one; a full
-    collection costs 15-50 ms)."""
+def release_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``).
+
+    No garbage collection: the large arrays and sessions are freed by reference counting, and a
+    full collection costs 15-50 ms.
+    """
     global _malloc_trim, _trim_searched
-    if collect:
-        gc.collect()
     if not _trim_searched:
         _trim_searched = True
         try:
