@@ -336,6 +336,8 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
     act_mean = relu_mean(st.beta, st.gamma, unit.activation == "relu") if transfer else None
 
     for cs in unit.consumers:
+        if not len(drop) and next_scale is None:  # nothing removed or rescaled: keep the array (no copy)
+            continue
         cons = layers[cs.node]
         w2 = arrays[cons.weight]
         full = _consumer_view(cons, w2, cs, C)

@@ -48,11 +48,16 @@ def _why_not_foldable(view: GraphView, bn: onnx.NodeProto) -> str:
     return ""
 
 
-def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False) -> tuple[onnx.ModelProto, FoldRecord]:
+def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False,
+                   weights_out: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, FoldRecord]:
     """Return a copy of ``model`` with every foldable BN folded into its Conv/Gemm.
 
     The layer takes over the BN's output name, so downstream names are unchanged.
     ``inplace=True`` edits and returns ``model`` itself (no copy of a large model).
+    ``weights_out``: the folded Conv/Gemm weights go into this dict (by initializer name) instead
+    of the model, whose weight initializers keep their unfolded values until the caller writes
+    them (biases are written as usual). A protobuf message never frees a replaced value before
+    the whole model goes, so writing them would hold every weight twice.
     """
     model = model if inplace else _copy(model)
     view = GraphView(model)
@@ -68,19 +73,23 @@ def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False) -> tuple[on
         layer = view.producer[bn.input[0]]
         gamma, beta, mean, var = (view.array(n).astype(np.float64) for n in bn.input[1:5])
         a = gamma / np.sqrt(var + float(attribute(bn, "epsilon", 1e-5)))
-        weight = view.array(layer.input[1])
+        weight = view.array(layer.input[1], copy=False)
         dtype = weight.dtype
+        folded = weight.astype(np.float64)  # scaled in place: fewer weight-sized temporaries on large models
         if layer.op_type == "Conv":
             out_channels = weight.shape[0]
-            folded = weight.astype(np.float64) * a.reshape((-1,) + (1,) * (weight.ndim - 1))
+            folded *= a.reshape((-1,) + (1,) * (weight.ndim - 1))
         else:
             trans_b = attribute(layer, "transB", 0)
             out_channels = weight.shape[0] if trans_b else weight.shape[1]
-            folded = weight.astype(np.float64) * (a[:, None] if trans_b else a[None, :])
+            folded *= a[:, None] if trans_b else a[None, :]
         has_bias = len(layer.input) > 2 and layer.input[2]
         bias = view.array(layer.input[2]).astype(np.float64) if has_bias else np.zeros(out_channels)
         new_bias = a * (bias - mean) + beta
-        set_initializer(model, layer.input[1], folded.astype(dtype))
+        if weights_out is None:
+            set_initializer(model, layer.input[1], folded.astype(dtype))
+        else:
+            weights_out[layer.input[1]] = folded.astype(dtype)
         bias_name = layer.input[2] if has_bias else f"{layer.name}.folded_bias"
         set_initializer(model, bias_name, new_bias.astype(dtype))
         if not has_bias:

@@ -39,9 +39,11 @@ class GraphView:
         self.graph_outputs = {o.name for o in graph.output}
         self.graph_inputs = {i.name for i in graph.input}
 
-    def array(self, name: str) -> np.ndarray:
-        """Return initializer ``name`` as a NumPy array (a copy)."""
-        return numpy_helper.to_array(self.initializers[name]).copy()
+    def array(self, name: str, *, copy: bool = True) -> np.ndarray:
+        """Return initializer ``name`` as a NumPy array (a copy; ``copy=False``: possibly read-only,
+        one weight-sized allocation less for a caller that only reads it)."""
+        value = numpy_helper.to_array(self.initializers[name])
+        return value.copy() if copy else value
 
     def is_constant(self, name: str) -> bool:
         """True when ``name`` is an initializer and not overridable by a graph input."""
@@ -121,3 +123,36 @@ def ensure_node_names(model: onnx.ModelProto) -> int:
         seen.add(name)
         renamed += 1
     return renamed
+
+
+def without_initializer_data(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``names`` keep name, type and dims but no values.
+
+    For a caller that holds those values elsewhere and will write or drop them before saving: the
+    copy never holds them, and once the original goes, the memory of their old values goes with it
+    (a protobuf message frees nothing it held before the whole message is freed).
+    """
+    graph = onnx.GraphProto()
+    _copy_fields(model.graph, graph, skip="initializer")
+    for t in model.graph.initializer:
+        if t.name in names:
+            graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        else:
+            graph.initializer.append(t)
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    out.graph.CopyFrom(graph)
+    return out
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except the one named ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated field (scalars or messages)
+            getattr(dst, fd.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # message field
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphView, attribute
+from .load import shape_skeleton
 
 __all__ = ["Role", "Activation", "ParamSlice", "HANDLERS", "classify", "ChannelShapes"]
 
@@ -104,7 +105,8 @@ class ChannelShapes:
     def __init__(self, model: onnx.ModelProto):
         self.dims: dict[str, list[int | None]] = {}
         try:
-            inferred = onnx.shape_inference.infer_shapes(model)
+            # On a skeleton: serialising the weights for inference cost as much as loading the model.
+            inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model, value_info=True))
         except Exception:  # an unknown op or a broken shape function: fall back to what the graph states
             inferred = model
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -414,7 +416,7 @@ def _constant_single_use(ctx: Context, name: str) -> bool:
 @_register("Conv")
 def _conv(node, ctx):
     group = int(attribute(node, "group", 1))
-    if len(node.input) < 2 or ctx.constant(node.input[1]) is None:
+    if len(node.input) < 2 or not ctx.view.is_constant(node.input[1]):  # (not its values: a copy of every weight)
         return _block(node, "weight is not a constant")
     weight = ctx.view.initializers.get(node.input[1])
     if weight is None or len(weight.dims) < 3:

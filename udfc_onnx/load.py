@@ -72,8 +72,12 @@ def _external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
     return files
 
 
-def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` for shape inference: large initializers keep dims and type, not data."""
+def shape_skeleton(model: onnx.ModelProto, *, value_info: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference: large initializers keep dims and type, not data.
+
+    ``value_info=True`` also copies the graph's value_info (shapes the model states itself, which
+    inference keeps where it cannot infer them, e.g. after a custom op).
+    """
     m = onnx.ModelProto(ir_version=model.ir_version)
     m.opset_import.extend(model.opset_import)
     m.functions.extend(model.functions)
@@ -82,6 +86,8 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     m.graph.node.extend(g.node)
     m.graph.input.extend(g.input)
     m.graph.output.extend(g.output)
+    if value_info:
+        m.graph.value_info.extend(g.value_info)
     for t in g.initializer:
         small = math.prod(t.dims) <= _SHAPE_ONLY_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL
         m.graph.initializer.append(t if small else onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
@@ -207,6 +213,20 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         size = p.stat().st_size
         if size == 0:
             raise InvalidModelError(f"{p}: empty file")
+    except OSError as exc:
+        raise InvalidModelError(f"{p}: cannot read ({exc.strerror or first_line(exc)})") from None
+    # The checker reads the file itself (by path: serialising a large model again cost as much as
+    # loading it; and above 2 GB it must, with the external data). It runs before this process
+    # reads the model, so its own copy does not stack on the load's peak (file bytes + parsed
+    # model); its verdict is given after the checks below, which name the problem more precisely.
+    # full_check adds strict shape inference: a model whose shapes do not agree is refused here,
+    # not found out in the middle of the solver.
+    try:
+        onnx.checker.check_model(str(p), full_check=True)
+        checker_error = None
+    except Exception as exc:
+        checker_error = first_line(exc)
+    try:
         with open(p, "rb") as f:  # read first: a permission problem is not a decode problem
             data = f.read()
     except OSError as exc:
@@ -227,14 +247,8 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
     for f in files:
         if not f.is_file():
             raise InvalidModelError(f"{p}: external data file {f.name} is missing")
-    # The checker reads the file itself when the weights live outside it (and above 2 GB it must).
-    # full_check adds strict shape inference: a model whose shapes do not agree is refused here,
-    # not found out in the middle of the solver.
-    # By path in both cases: serialising a large model again cost as much as loading it.
-    try:
-        onnx.checker.check_model(str(p), full_check=True)
-    except Exception as exc:
-        raise InvalidModelError(f"{p}: fails onnx.checker: {first_line(exc)}") from None
+    if checker_error is not None:
+        raise InvalidModelError(f"{p}: fails onnx.checker: {checker_error}")
     if external:
         try:
             external_data_helper.load_external_data_for_model(model, str(p.parent))

@@ -17,10 +17,13 @@ from the result and the solver falls back to its moment-free forms there.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 
 from .graph import GraphView, attribute
+from .load import shape_skeleton
 from .moments import (LayerInput, conv_output_covariance, correlation, fit_spatial_correlation, relu_moments,
                       tap_fractions)
 from .stats import BNStats
@@ -36,7 +39,7 @@ PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", 
 
 def _spatial_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model, value_info=True))
     except Exception:  # sizes only refine border handling; without them every tap counts fully
         return {}
     sizes = {}
@@ -68,8 +71,8 @@ def _with_stats(mean_cov: tuple[np.ndarray, np.ndarray], st: BNStats | None) -> 
     return st.beta.copy(), correlation(cov) * np.outer(g, g)
 
 
-def estimate_layer_inputs(model: onnx.ModelProto, stats: dict[str, BNStats], raw_weights: dict[str, np.ndarray]
-                          ) -> dict[str, LayerInput]:
+def estimate_layer_inputs(model: onnx.ModelProto, stats: dict[str, BNStats], raw_weights: Mapping[str, np.ndarray],
+                          weights: Mapping[str, np.ndarray] | None = None) -> dict[str, LayerInput]:
     """Input moments of every Conv/Gemm of a BN-folded model whose input can be reached.
 
     Parameters
@@ -78,8 +81,10 @@ def estimate_layer_inputs(model: onnx.ModelProto, stats: dict[str, BNStats], raw
         Output of :func:`udfc_onnx.fold.fold_batchnorm`.
     stats : dict of str to BNStats
         BN statistics by the name of the layer they followed (read before folding).
-    raw_weights : dict of str to ndarray
+    raw_weights : mapping of str to ndarray
         Unfolded Conv weights by node name (the BN variances describe their outputs).
+    weights : mapping of str to ndarray, optional
+        Initializer values that replace the model's own (folded weights not yet written into it).
 
     Returns
     -------
@@ -87,6 +92,11 @@ def estimate_layer_inputs(model: onnx.ModelProto, stats: dict[str, BNStats], raw
         By Conv/Gemm node name.
     """
     view = GraphView(model)
+    weights = weights or {}
+
+    def value(name: str) -> np.ndarray:
+        return weights[name] if name in weights else view.array(name)
+
     sizes = _spatial_sizes(model)
     moments: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for inp in model.graph.input:
@@ -100,7 +110,7 @@ def estimate_layer_inputs(model: onnx.ModelProto, stats: dict[str, BNStats], raw
         ins = [moments.get(name) for name in node.input[:1]]
         src = ins[0] if ins else None
         if op == "Conv" and src is not None and view.is_constant(node.input[1]):
-            w = view.array(node.input[1]).astype(np.float64)
+            w = value(node.input[1]).astype(np.float64)
             group = int(attribute(node, "group", 1))
             kernel = tuple(int(k) for k in w.shape[2:4]) if w.ndim == 4 else (int(w.shape[2]), 1)
             pads = attribute(node, "pads", [0, 0, 0, 0])
@@ -115,7 +125,7 @@ def estimate_layer_inputs(model: onnx.ModelProto, stats: dict[str, BNStats], raw
             if cov_in is not None and st is not None and node.name in raw_weights:
                 r = fit_spatial_correlation(_dense_weight(raw_weights[node.name].astype(np.float64), group), cov_in, st.var)
             result[node.name] = LayerInput(mean_in, cov_in, r, fractions)
-            bias = view.array(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+            bias = value(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
             out_mean = np.einsum("oct,t,c->o", dense.reshape(dense.shape[0], dense.shape[1], -1), fractions, mean_in) + bias
             out_cov = None
             if cov_in is not None and dense.shape[0] <= MAX_TRACKED_CHANNELS:
@@ -125,13 +135,13 @@ def estimate_layer_inputs(model: onnx.ModelProto, stats: dict[str, BNStats], raw
             moments[node.output[0]] = _with_stats((out_mean, out_cov), st) if out_cov is not None else (
                 st.beta.copy() if st is not None else out_mean, None)
         elif op == "Gemm" and src is not None and view.is_constant(node.input[1]) and not attribute(node, "transA", 0):
-            w = view.array(node.input[1]).astype(np.float64)
+            w = value(node.input[1]).astype(np.float64)
             w = w if attribute(node, "transB", 0) else w.T  # (O, K)
             mean_in, cov_in = src
             if mean_in.shape[0] != w.shape[1]:
                 continue
             result[node.name] = LayerInput(mean_in, cov_in, 0.0, np.ones(1))
-            bias = view.array(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+            bias = value(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
             alpha, beta = float(attribute(node, "alpha", 1.0)), float(attribute(node, "beta", 1.0))
             out_mean = alpha * (w @ mean_in) + beta * bias
             out_cov = alpha**2 * (w @ cov_in @ w.T) if cov_in is not None and w.shape[0] <= MAX_TRACKED_CHANNELS else None

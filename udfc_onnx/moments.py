@@ -93,13 +93,20 @@ def bivariate_normal_cdf(a: np.ndarray, b: np.ndarray, rho: np.ndarray) -> np.nd
     """
     a, b, rho = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                     np.clip(np.asarray(rho, np.float64), -_RHO_MAX, _RHO_MAX))
-    top = np.arcsin(rho)[..., None]
-    theta = top * (0.5 * (_GL_NODES + 1))
-    sin, cos2 = np.sin(theta), np.cos(theta) ** 2
-    aa, bb = a[..., None], b[..., None]
-    integrand = np.exp(-(aa * aa + bb * bb - 2 * aa * bb * sin) / (2 * cos2))
-    integral = (integrand * (0.5 * _GL_WEIGHTS)).sum(-1) * top[..., 0]
-    return normal_cdf(a) * normal_cdf(b) + integral / (2 * math.pi)
+    return normal_cdf(a) * normal_cdf(b) + _phi2_integral(a, b, rho)
+
+
+def _phi2_integral(a: np.ndarray, b: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """``Phi2(a, b; rho) - Phi(a) Phi(b)`` (the quadrature of :func:`bivariate_normal_cdf`), same shapes."""
+    top = np.arcsin(rho)
+    squares, cross = a * a + b * b, 2 * a * b
+    # One quadrature node at a time: a (..., 48) array per temporary cost 25 MB per 256x256
+    # covariance and most of the time of relu_moments.
+    integral = np.zeros(top.shape)
+    for node, weight in zip(_GL_NODES, _GL_WEIGHTS):
+        sin = np.sin(top * (0.5 * (node + 1)))  # cos^2 as 1 - sin^2: np.cos would cost as much again
+        integral += (0.5 * weight) * np.exp(-(squares - cross * sin) / (2 * (1 - sin * sin)))
+    return integral * top / (2 * math.pi)
 
 
 def relu_mean_var(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,14 +150,20 @@ def relu_moments(mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndar
     a = mean / s
     m, var = relu_mean_var(mean, sd**2)
     rho = np.clip(cov / np.outer(s, s), -_RHO_MAX, _RHO_MAX)
+    rho = 0.5 * (rho + rho.T)  # exactly symmetric, so the (j, i) terms are transposes of the (i, j) ones
     ai, aj = a[:, None], a[None, :]
     root = np.sqrt(1 - rho * rho)
-    u_i = (ai - rho * aj) / root
-    u_j = (aj - rho * ai) / root
+    cdf_u_i = normal_cdf((ai - rho * aj) / root)  # Phi(u_j) is its transpose
     q = np.sqrt(np.maximum(ai * ai - 2 * rho * ai * aj + aj * aj, 0.0)) / root
-    phi2 = bivariate_normal_cdf(ai, aj, rho)
-    second = np.outer(s, s) * ((ai * aj + rho) * phi2 + ai * normal_pdf(aj) * normal_cdf(u_i)
-                               + aj * normal_pdf(ai) * normal_cdf(u_j) + root * normal_pdf(q) / _SQRT2PI)
+    # Phi2 is symmetric in (i, j): the quadrature (the cost) runs on the upper triangle only.
+    upper = np.triu_indices(len(a))
+    integral = np.empty_like(rho)
+    integral[upper] = _phi2_integral(a[upper[0]], a[upper[1]], rho[upper])
+    integral.T[upper] = integral[upper]
+    cdf_a = normal_cdf(a)
+    phi2 = np.outer(cdf_a, cdf_a) + integral
+    second = np.outer(s, s) * ((ai * aj + rho) * phi2 + ai * normal_pdf(aj) * cdf_u_i
+                               + aj * normal_pdf(ai) * cdf_u_i.T + root * normal_pdf(q) / _SQRT2PI)
     out = second - np.outer(m, m)
     # A constant channel (dead or zero-variance) is uncorrelated with everything.
     both = np.outer(live, live)

@@ -28,17 +28,18 @@ from .compensate import Layer, Solution, layer_bits_for, solve_plan
 from .config import INT8_CHANNEL_MULTIPLE, CompressConfig
 from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
-from .graph import GraphView, attribute, ensure_node_names
+from .graph import GraphView, attribute, ensure_node_names, without_initializer_data
 from .int8 import Int8Record, check_fusion, quantize_activations
-from .load import PROTOBUF_LIMIT, default_opset, read_model
+from .load import PROTOBUF_LIMIT, default_opset, read_model, shape_skeleton
 from .moment_graph import estimate_layer_inputs
 from .overrides import OverrideRules
 from .plan import Plan, make_plan, restrict_to_layers
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
 from .report import DryRun, ModelInfo, Report
+from .resources import limit_blas_threads, release_memory
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
-from .units import find_units, limit_to_statistics, member_arrays, raw_filters_of
+from .units import RawFilterReader, find_units, limit_to_statistics, member_arrays, raw_filters_of
 from .validate import resolve_input_shapes, run_reference, validate_file
 
 __all__ = ["CompressResult", "FileOptions", "analyze", "compress_model", "compress_file", "plan_file", "set_metadata"]
@@ -106,15 +107,19 @@ def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str], q
     return model_copy
 
 
-def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict | None = None, inplace: bool = False):
+def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict | None = None, inplace: bool = False,
+            folded_weights: dict[str, np.ndarray] | None = None):
     """Read stats, fold BN and plan, without solving: (folded model, stats, raw filters, plan, fold record).
 
     ``overrides`` maps node names to resolved per-layer ``--config`` settings; ``inplace=True``
-    folds ``model`` itself instead of a copy.
+    folds ``model`` itself instead of a copy. ``folded_weights``: a dict that receives the folded
+    Conv/Gemm weights, which are then not written into the folded model (its weight initializers
+    keep their unfolded values, and the raw filters are read from them on demand): the caller
+    writes them. This keeps one copy of the weights where the default keeps three.
     """
     stats = read_bn_stats(model)
-    raw_filters = raw_filters_of(model)
-    folded, fold_record = fold_batchnorm(model, inplace=inplace)
+    raw_filters = raw_filters_of(model) if folded_weights is None else RawFilterReader(model)
+    folded, fold_record = fold_batchnorm(model, inplace=inplace, weights_out=folded_weights)
     units, skipped = find_units(folded, prune_residual=config.prune_residual)
     units = limit_to_statistics(units, stats)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
@@ -130,25 +135,42 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
     ``overrides`` are the per-layer rules of a ``--config`` file; a rule naming no node raises
     InvalidConfigError. The input is not modified, unless ``inplace=True``: then it is consumed
     (edited by the passes and left meaningless), which saves full-model copies on large models.
+    NumPy's BLAS runs on ``UDFC_BLAS_THREADS`` threads (default 1) meanwhile: see :mod:`udfc_onnx.resources`.
     """
+    box = [model]
+    del model  # with inplace=True and no reference left with the caller, the passes free the weights as they go
+    with limit_blas_threads():
+        return _compress_model(box, config, overrides=overrides, inplace=inplace)
+
+
+def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRules | None,
+                    inplace: bool) -> CompressResult:
+    """:func:`compress_model` of ``box.pop()``: a caller that puts the only reference to an
+    ``inplace`` model in ``box`` lets the passes free the memory of its weights as they go."""
     notes: list[str] = []
     clock = _Clock()
     if config.activations == "uint8" and not config.symmetric:
         config = config.replace(symmetric=True)
         notes.append("uint8 activations need symmetric weights (zero point 0, what QLinearConv takes): using symmetric")
-    model = _prepare(model, config, notes, quantize=config.weight_bits is not None or bool(overrides and overrides.sets_bits),
-                     inplace=inplace)
+    model = _prepare(box.pop(), config, notes,
+                     quantize=config.weight_bits is not None or bool(overrides and overrides.sets_bits), inplace=inplace)
     resolved = overrides.resolve((n.name, n.op_type) for n in model.graph.node) if overrides else {}
     # From here on ``model`` is private to this call: the passes edit it instead of copying it.
-    folded, stats, raw_filters, plan, fold_record = analyze(model, config, overrides=resolved, inplace=True)
-    if config.method == "prune":  # raw filters were needed for the ranking only; free them before solving
+    # Folded weights live in ``folded_weights`` only: until the rewrite writes them, the model's
+    # weight initializers hold the unfolded values (which are the raw filters).
+    folded_weights: dict[str, np.ndarray] = {}
+    folded, stats, raw_filters, plan, fold_record = analyze(model, config, overrides=resolved, inplace=True,
+                                                            folded_weights=folded_weights)
+    del model
+    if config.method == "prune":  # raw filters were needed for the ranking only
         raw_filters = {}
+    release_memory()  # the analysis's temporaries (raw filters read one by one, shapes)
     clock.lap("analyze (fold BN, units, plan)")
     layers = collect_layers(folded)
     view = GraphView(folded)
     arrays: dict[str, np.ndarray] = {}
     for layer in layers.values():
-        arrays[layer.weight] = view.array(layer.weight)
+        arrays[layer.weight] = folded_weights[layer.weight] if layer.weight in folded_weights else view.array(layer.weight)
         if layer.bias in view.initializers:
             arrays[layer.bias] = view.array(layer.bias)
         else:
@@ -160,17 +182,30 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
         why = "int8 kernels run narrower convs slower; " if config.channel_multiple is None else ""
         notes.append(f"kept channel counts rounded up to multiples of {config.kept_multiple} "
                      f"({why}--channel-multiple 1 keeps the paper's int(C*(1-r)))")
-    arrays.update(member_arrays(folded, [u.unit for u in plan.units]))
+    members = member_arrays(folded, [u.unit for u in plan.units])
+    arrays.update({name: folded_weights.get(name, value) for name, value in members.items()})
     clock.lap("read weights")
     # Data-free activation moments for UDFC's regression/selection and the bias correction (issue 3).
-    layer_inputs = estimate_layer_inputs(folded, stats, raw_filters) if config.uses_moments else None
+    layer_inputs = estimate_layer_inputs(folded, stats, raw_filters, folded_weights) if config.uses_moments else None
+    if config.method != "nm":  # only Neuron Merging's coefficients read raw filters in the solve
+        raw_filters = {}
+        # The model's own values of the folded weights (unfolded, stale) are never read again: a
+        # copy without them lets their memory go, when the caller handed the model over (compress_file).
+        folded = without_initializer_data(folded, folded_weights)
+        view = None
+        release_memory()
     clock.lap("input moments")
     solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved, layer_inputs=layer_inputs)
     clock.lap("solve")
-    del arrays, raw_filters  # unchanged weights stay in the model; changed ones are in the solution
+    del arrays, raw_filters
+    # The current value of every weight the passes touched: folded, then changed by the solution.
+    current = {**folded_weights, **solution.arrays}
+    del folded_weights
+    release_memory()
     # Float weights about to be replaced by integers are not written (saves a model-sized copy);
-    # their initializers keep stale values until the QDQ pass drops them.
-    to_write = {k: v for k, v in solution.arrays.items() if k not in solution.quantized}
+    # their initializers keep stale (unfolded) values, or none after the copy above, until the QDQ
+    # pass drops them.
+    to_write = {k: v for k, v in current.items() if k not in solution.quantized}
     rewritten, _ = apply_arrays(folded, to_write, layers, inplace=True, new_shapes=solution.arrays)
     int8 = None
     if config.activations == "uint8" or config.int4_storage:
@@ -178,22 +213,37 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
         keep = {name: up.keep for up in plan.units
                 for name in (*up.unit.all_producers, *(m.node for m in up.unit.members))}
         rewritten, int8 = quantize_activations(rewritten, solution.quantized, layers, stats, keep, config,
-                                               arrays=solution.arrays)
+                                               arrays=current)
         notes.append(f"int8: {len(int8.int8_layers)} Conv/Gemm with uint8 activations, {len(int8.weight_only)} weight-only; "
                      f"ranges from {int8.range_source}")
     elif solution.quantized:
-        rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers)
+        rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers, inplace=True)
+    del current, to_write  # everything is in the model now
+    release_memory()
     clock.lap("rewrite + QDQ")
     set_metadata(rewritten, {"udfc_onnx.version": __version__, "udfc_onnx.config": json.dumps(config.to_dict()),
                              "udfc_onnx.overrides": json.dumps(overrides.to_dict() if overrides else {})})
     try:
-        rewritten = onnx.shape_inference.infer_shapes(rewritten)
+        _infer_shapes_in_place(rewritten)
     except Exception as exc:  # shapes are a convenience for viewers; ORT does not need them
         notes.append(f"shape inference failed on the output: {exc}")
     clock.lap("shape inference")
     layer_bits = {name: solution.quantized[l.weight].bits if l.weight in solution.quantized else None
                   for name, l in layers.items()}
     return CompressResult(rewritten, plan, fold_record, solution, notes, resolved, layer_bits, int8, clock.laps)
+
+
+def _infer_shapes_in_place(model: onnx.ModelProto) -> None:
+    """Add what ONNX shape inference finds (value_info, output types) to ``model`` itself.
+
+    Inference runs on a copy without the weights' values: on the whole model it serialised and
+    parsed every weight again (two more copies of the output at the peak).
+    """
+    inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model, value_info=True))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for ours, found in zip(model.graph.output, inferred.graph.output):
+        ours.CopyFrom(found)
 
 
 class _Clock:
@@ -210,8 +260,9 @@ class _Clock:
 
 
 # Random-input check budget: multiply-accumulates of the original over all samples (8 CIFAR
-# ResNets, 3 ResNet-50 images at 224x224), so validating a large model stays a fraction of a run.
-VALIDATION_MACS = 16e9
+# ResNets, 1 ResNet-50 image at 224x224; at least one sample always), so validating a large model
+# stays a fraction of a run.
+VALIDATION_MACS = 8e9
 
 
 def set_metadata(model: onnx.ModelProto, items: Mapping[str, str]) -> None:
@@ -419,13 +470,18 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     clock.lap("report (before)")
     step("run original")  # the input must load and run in ORT before any work is spent on it
     samples = min(options.check_n, max(1, int(VALIDATION_MACS // max(before.macs, 1))))
+    # ORT reads the file itself (its session holds a copy of every weight: ResNet-50 +140 MB while
+    # it lives, below the solve's peak; dropping our model meanwhile and parsing it again cost 0.2 s).
     expected = run_reference(loaded.model, n_samples=samples, seed=options.seed, shape_overrides=shapes,
                              reference_path=str(src))
+    release_memory()  # the reference session is gone; without this its heap stays under every later peak
     clock.lap("run original")
     step("compress")
-    # The loaded model is handed over (no copy): validation compares with the outputs run above.
-    result = compress_model(loaded.model, config, overrides=options.overrides, inplace=True)
+    # The loaded model is handed over (no copy, no reference kept here, so the passes can free its
+    # weights as they go): validation compares with the outputs run above.
+    box = [loaded.model]
     loaded = dataclasses.replace(loaded, model=None)
+    result = compress_model(box.pop(), config, overrides=options.overrides, inplace=True)
     timings = {**clock.laps, **result.timings}
     clock = _Clock()
     set_metadata(result.model, {"udfc_onnx.source": src.name, "udfc_onnx.source_sha256": _sha256(src),

@@ -28,7 +28,8 @@ class QdqRecord:
     gemm: int = 0
 
 
-def emit_weight_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor], layers: dict[str, Layer]) -> tuple[onnx.ModelProto, QdqRecord]:
+def emit_weight_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor], layers: dict[str, Layer], *,
+                    inplace: bool = False) -> tuple[onnx.ModelProto, QdqRecord]:
     """Replace each quantized float weight with an int8 initializer and a DequantizeLinear.
 
     Parameters
@@ -38,9 +39,14 @@ def emit_weight_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor
     quantized : dict of str to QuantizedTensor
         Weight initializer name -> integers in out-channel-major layout.
     layers : dict of str to Layer
+    inplace : bool, default=False
+        Edit and return ``model`` itself (no copy of a large model).
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if inplace:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     view = GraphView(out)
     record = QdqRecord()
     new_nodes = []

@@ -34,7 +34,10 @@ class QuantizedTensor:
     def dequantize(self) -> np.ndarray:
         """Float values ``(q - zp) * scale`` with the shape of ``q`` (float64)."""
         shape = (-1,) + (1,) * (self.q.ndim - 1)
-        return (self.q.astype(np.float64) - self.zero_point.reshape(shape)) * self.scale.astype(np.float64).reshape(shape)
+        out = self.q.astype(np.float64)  # in place from here: one weight-sized temporary, not three
+        out -= self.zero_point.reshape(shape)
+        out *= self.scale.astype(np.float64).reshape(shape)
+        return out
 
     def rescaled(self, factor: np.ndarray) -> "QuantizedTensor":
         """Same integers with each channel's step multiplied by ``factor`` (UDFC's s^q in the scale)."""
@@ -66,7 +69,8 @@ def quantize_per_channel(weights: np.ndarray, bits: int, *, symmetric: bool = Tr
         qmax = 2 ** (bits - 1) - 1
         amax = np.abs(flat).max(axis=1)
         scale = np.where(amax > 0, amax / qmax, 1.0)
-        q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax)
+        q = w / scale.reshape(shape)
+        np.clip(np.rint(q, out=q), -qmax, qmax, out=q)  # in place: fewer passes over the largest weights
         zp = np.zeros(w.shape[0])
     else:
         levels = 2**bits - 1
@@ -75,5 +79,8 @@ def quantize_per_channel(weights: np.ndarray, bits: int, *, symmetric: bool = Tr
         scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
         qmin = -(2 ** (bits - 1))
         zp = np.rint(-lo / scale) + qmin
-        q = np.clip(np.rint(w / scale.reshape(shape)) + zp.reshape(shape), qmin, qmin + levels)
+        q = w / scale.reshape(shape)
+        np.rint(q, out=q)
+        q += zp.reshape(shape)
+        np.clip(q, qmin, qmin + levels, out=q)
     return QuantizedTensor(q.astype(np.int8), scale.astype(np.float32), zp.astype(np.int8), bits)

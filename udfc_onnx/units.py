@@ -48,6 +48,7 @@ Where the compensation assumptions hold, per activation between producer and con
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -58,7 +59,7 @@ from .handlers import (AFFINE, DEPTHWISE, IDENTITY, LINEAR, MAX, NONLINEAR, Chan
                        classify)
 
 __all__ = ["ConsumerSlice", "ChannelMember", "PruneUnit", "Skip", "find_units", "member_arrays", "raw_filters_of",
-           "limit_to_statistics"]
+           "RawFilterReader", "limit_to_statistics"]
 
 
 @dataclass(frozen=True)
@@ -668,6 +669,39 @@ def raw_filters_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             w = w.T
         out[node.name] = w
     return out
+
+
+class RawFilterReader(Mapping):
+    """:func:`raw_filters_of` read on demand, one weight at a time, instead of a copy of every weight
+    (the arrays may be read-only).
+
+    Valid while the model's Conv/Gemm weight initializers hold their unfolded values (the model
+    given to ``fold_batchnorm(..., weights_out=...)``); the graph is indexed at the first access.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self._model = model
+        self._view: GraphView | None = None
+        self._nodes: dict[str, onnx.NodeProto] = {}
+
+    def _index(self) -> dict[str, onnx.NodeProto]:
+        if self._view is None:
+            self._view = GraphView(self._model)
+            self._nodes = {node.name: node for node in self._model.graph.node
+                           if node.op_type in ("Conv", "Gemm") and len(node.input) >= 2
+                           and self._view.is_constant(node.input[1])}
+        return self._nodes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        node = self._index()[name]
+        w = self._view.array(node.input[1], copy=False)  # read only (ranking, moments, NM)
+        return w.T if node.op_type == "Gemm" and w.ndim == 2 and not attribute(node, "transB", 0) else w
+
+    def __iter__(self):
+        return iter(self._index())
+
+    def __len__(self) -> int:
+        return len(self._index())
 
 
 def member_arrays(model: onnx.ModelProto, units: list[PruneUnit]) -> dict[str, np.ndarray]:

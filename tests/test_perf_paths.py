@@ -1,0 +1,158 @@
+"""The compressor's fast and memory-saving paths give what the plain ones give (issue 5: speed and peak memory)."""
+import numpy as np
+import onnx
+import pytest
+
+from tests.graphs import conv_chain
+from udfc_onnx import moments, solve
+from udfc_onnx.fold import fold_batchnorm
+from udfc_onnx.graph import GraphView, without_initializer_data
+from udfc_onnx.resources import blas_thread_controls, limit_blas_threads, release_memory
+from udfc_onnx.units import RawFilterReader, raw_filters_of
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _eigh_reference(gram, rhs, rcond=1e-6):
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    usable = values > rcond * values.max()
+    return (vectors[:, usable] / values[usable]) @ (vectors[:, usable].T @ rhs)
+
+
+def test_spd_fast_path_equals_the_eigendecomposition(rng):
+    kept = rng.standard_normal((200, 40))
+    gram, rhs = kept.T @ kept, kept.T @ rng.standard_normal((200, 7))
+    sym = (gram + gram.T) / 2
+    assert solve._solve_well_conditioned(sym, rhs, 1e-6) is not None  # took the Cholesky path
+    np.testing.assert_allclose(solve._solve_spd(gram, rhs), _eigh_reference(gram, rhs), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dead_scale", [0.0, 1e-5])
+def test_spd_dead_channels_fall_back_to_the_pseudo_inverse(rng, dead_scale):
+    kept = rng.standard_normal((200, 40))
+    kept[:, [3, 17]] *= dead_scale  # two dead channels (BN gamma ~ 0): near-zero columns
+    gram, rhs = kept.T @ kept, kept.T @ rng.standard_normal((200, 5))
+    assert solve._solve_well_conditioned((gram + gram.T) / 2, rhs, 1e-6) is None
+    out = solve._solve_spd(gram, rhs)
+    ref = _eigh_reference(gram, rhs)
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+    assert np.abs(out[[3, 17]]).max() < 1e-3 * np.abs(out).max()  # no blown-up coefficients on them
+
+
+def test_spd_indefinite_and_empty_systems(rng):
+    a = rng.standard_normal((6, 6))
+    indefinite = a + a.T
+    rhs = rng.standard_normal(6)
+    np.testing.assert_allclose(solve._solve_spd(indefinite, rhs), _eigh_reference(indefinite, rhs), rtol=1e-9, atol=1e-12)
+    assert solve._solve_spd(np.zeros((0, 0)), np.zeros((0, 3))).shape == (0, 3)
+
+
+def test_relu_moments_triangle_quadrature_matches_the_full_matrix(rng):
+    a = rng.standard_normal((30, 60))
+    cov = a @ a.T / 60
+    mean = 0.5 * rng.standard_normal(30)
+    m, out = moments.relu_moments(mean, cov)
+    # the same formula with the bivariate CDF evaluated on every (i, j) pair
+    sd = np.sqrt(np.diag(cov))
+    z = mean / sd
+    rho = np.clip(cov / np.outer(sd, sd), -moments._RHO_MAX, moments._RHO_MAX)
+    zi, zj = z[:, None], z[None, :]
+    root = np.sqrt(1 - rho**2)
+    phi2 = moments.bivariate_normal_cdf(zi, zj, rho)
+    second = np.outer(sd, sd) * ((zi * zj + rho) * phi2 + zi * moments.normal_pdf(zj) * moments.normal_cdf((zi - rho * zj) / root)
+                                 + zj * moments.normal_pdf(zi) * moments.normal_cdf((zj - rho * zi) / root)
+                                 + root * moments.normal_pdf(np.sqrt(np.maximum(zi**2 - 2 * rho * zi * zj + zj**2, 0)) / root)
+                                 / np.sqrt(2 * np.pi))
+    full = second - np.outer(m, m)
+    off = ~np.eye(30, dtype=bool)
+    np.testing.assert_allclose(out[off], full[off], rtol=1e-9, atol=1e-12)
+
+
+def test_bivariate_cdf_known_values():
+    # independence and the orthant probability 1/4 + asin(rho) / (2 pi) at the origin
+    np.testing.assert_allclose(moments.bivariate_normal_cdf(0.3, -0.7, 0.0),
+                               moments.normal_cdf(0.3) * moments.normal_cdf(-0.7), atol=1e-12)
+    for rho in (-0.8, 0.2, 0.9):
+        np.testing.assert_allclose(moments.bivariate_normal_cdf(0.0, 0.0, rho), 0.25 + np.arcsin(rho) / (2 * np.pi),
+                                   atol=1e-8)
+
+
+def test_fold_into_a_dict_gives_the_written_values_and_leaves_the_weights():
+    model = conv_chain(seed=3, spatial=8)
+    written, _ = fold_batchnorm(model)
+    aside: dict = {}
+    kept, record = fold_batchnorm(model, weights_out=aside)
+    assert aside and record.folded
+    view_w, view_k, view_m = GraphView(written), GraphView(kept), GraphView(model)
+    for name, value in aside.items():
+        np.testing.assert_array_equal(value, view_w.array(name))
+        np.testing.assert_array_equal(view_k.array(name), view_m.array(name))  # still unfolded
+    assert [n.op_type for n in kept.graph.node] == [n.op_type for n in written.graph.node]
+
+
+def test_raw_filter_reader_equals_raw_filters_of():
+    model = conv_chain(seed=1, spatial=8)
+    eager = raw_filters_of(model)
+    lazy = RawFilterReader(model)
+    assert set(lazy) == set(eager) and len(lazy) == len(eager)
+    for name, value in eager.items():
+        np.testing.assert_array_equal(lazy[name], value)
+
+
+def test_without_initializer_data_keeps_everything_but_the_named_values():
+    model = conv_chain(seed=2, spatial=8)
+    big = {t.name for t in model.graph.initializer if len(t.dims) == 4}
+    slim = without_initializer_data(model, big)
+    assert [t.name for t in slim.graph.initializer] == [t.name for t in model.graph.initializer]
+    for a, b in zip(model.graph.initializer, slim.graph.initializer):
+        assert list(a.dims) == list(b.dims) and a.data_type == b.data_type
+        assert (b.ByteSize() < a.ByteSize()) == (a.name in big)
+    assert slim.graph.node == model.graph.node and slim.opset_import == model.opset_import
+    assert slim.ir_version == model.ir_version and slim.graph.input == model.graph.input
+
+
+def test_blas_threads_are_limited_and_restored():
+    release_memory()  # a no-op where there is no glibc; must not raise
+    controls = blas_thread_controls()
+    if controls is None:
+        pytest.skip("no OpenBLAS loaded by numpy here: nothing to control")
+    get, set_ = controls
+    before = get()
+    set_(2)
+    try:
+        with limit_blas_threads(1):
+            assert get() == 1
+        assert get() == 2
+        with limit_blas_threads(0):  # 0 leaves it alone
+            assert get() == 2
+    finally:
+        set_(before)
+
+
+def test_output_shape_inference_in_place_equals_onnx_infer_shapes():
+    from udfc_onnx.pipeline import _infer_shapes_in_place
+
+    model = conv_chain(seed=4, spatial=8)
+    expected = onnx.shape_inference.infer_shapes(model)
+    _infer_shapes_in_place(model)
+    assert list(model.graph.value_info) == list(expected.graph.value_info) and len(model.graph.value_info) > 0
+    assert list(model.graph.output) == list(expected.graph.output)
+
+
+@pytest.mark.parametrize("settings", [dict(prune_ratio=0.3, weight_bits=8), dict(prune_ratio=0.3, weight_bits=None),
+                                      dict(prune_ratio=0.3, weight_bits=8, method="nm"),
+                                      dict(prune_ratio=0.3, weight_bits=4, method="prune", activations="uint8")])
+def test_compress_model_leaves_the_callers_model_and_matches_an_inplace_run(settings):
+    from udfc_onnx import CompressConfig, compress_model
+
+    model = conv_chain(seed=6, spatial=8)
+    before = model.SerializeToString()
+    copy_run = compress_model(model, CompressConfig(**settings)).model
+    assert model.SerializeToString() == before  # the weights moved out of a private copy, not the caller's
+    inplace_run = compress_model(onnx.load_from_string(before), CompressConfig(**settings), inplace=True).model
+    assert copy_run.SerializeToString() == inplace_run.SerializeToString()
+    assert all(t.ByteSize() > 0 and (t.raw_data or t.float_data or t.int32_data or not t.dims)
+               for t in copy_run.graph.initializer)  # no weightless placeholder left in the output
