@@ -156,3 +156,17 @@ def test_compress_model_leaves_the_callers_model_and_matches_an_inplace_run(sett
     assert copy_run.SerializeToString() == inplace_run.SerializeToString()
     assert all(t.ByteSize() > 0 and (t.raw_data or t.float_data or t.int32_data or not t.dims)
                for t in copy_run.graph.initializer)  # no weightless placeholder left in the output
+
+
+def test_report_records_peak_memory_per_pass(tmp_path):
+    from udfc_onnx import CompressConfig, compress_file
+
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_chain(seed=7, spatial=8), src)
+    report = compress_file(src, tmp_path / "out.onnx", CompressConfig(prune_ratio=0.3, weight_bits=8))
+    peaks = report.to_dict()["peak_rss_mb"]
+    if not peaks:
+        pytest.skip("no /proc/self/status here")
+    assert list(peaks) == list(report.timings)
+    values = list(peaks.values())
+    assert all(v > 0 for v in values) and values[-1] >= values[0] - 1.0  # a peak so far only grows (+- counter lag)

@@ -179,7 +179,11 @@ def main(argv=None) -> int:
             cost_rows.append((name, setting, f"{report['elapsed_s']:.2f}", f"{report['elapsed_s'] / base_s:.2f}",
                               f"{run['wall_s']:.2f}", f"{run['peak_mb']:.0f}", f"{run['peak_mb'] / size_mb:.2f}",
                               f"{above:.0f}", f"{above / size_mb:.2f}"))
-            time_rows.append((name, setting, "; ".join(f"{k} {v:.2f}" for k, v in report.get("timings", {}).items())))
+            peaks = report.get("peak_rss_mb") or {}
+            # Peak RSS so far after each pass: the first pass within 1 MB of the final value reached it.
+            peak_pass = next((k for k, v in peaks.items() if v >= max(peaks.values()) - 1), "") if peaks else ""
+            time_rows.append((name, setting, "; ".join(f"{k} {v:.2f}" for k, v in report.get("timings", {}).items()),
+                              f"{peak_pass} ({max(peaks.values()):.0f} MB)" if peaks else "n/a"))
             lat = []
             for b in batches:
                 t_orig, t_comp = latency([str(src), str(dst)], b, reps, args.provider)
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in cost_rows:
         print("| " + " | ".join(r) + " |")
-    print("\n| model | setting | where the compressor's time goes (s) |\n|---|---|---|")
+    print("\n| model | setting | where the compressor's time goes (s) | peak RSS reached in |\n|---|---|---|---|")
     for r in time_rows:
         print("| " + " | ".join(r) + " |")
     print("\nfile sizes: " + ", ".join(f"{n} {p.stat().st_size / 1e6:.1f} MB" for n, p in models.items())

@@ -36,7 +36,7 @@ from .overrides import OverrideRules
 from .plan import Plan, make_plan, restrict_to_layers
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
 from .report import DryRun, ModelInfo, Report
-from .resources import limit_blas_threads, release_memory
+from .resources import limit_blas_threads, peak_rss_mb, release_memory
 from .rewrite import apply_arrays
 from .stats import read_bn_stats
 from .units import RawFilterReader, find_units, limit_to_statistics, member_arrays, raw_filters_of
@@ -58,6 +58,7 @@ class CompressResult:
     layer_bits: dict = field(default_factory=dict)  # Conv/Gemm name -> weight bits (None: float)
     int8: Int8Record | None = None  # set when activations="uint8"
     timings: dict = field(default_factory=dict)  # seconds per pass
+    peak_rss_mb: dict = field(default_factory=dict)  # the process's peak RSS so far at the end of each pass
 
 
 # ORT CPU's QLinearConv with fewer output channels than this runs no faster than with this many.
@@ -230,7 +231,8 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
     clock.lap("shape inference")
     layer_bits = {name: solution.quantized[l.weight].bits if l.weight in solution.quantized else None
                   for name, l in layers.items()}
-    return CompressResult(rewritten, plan, fold_record, solution, notes, resolved, layer_bits, int8, clock.laps)
+    return CompressResult(rewritten, plan, fold_record, solution, notes, resolved, layer_bits, int8, clock.laps,
+                          clock.peaks)
 
 
 def _infer_shapes_in_place(model: onnx.ModelProto) -> None:
@@ -247,15 +249,20 @@ def _infer_shapes_in_place(model: onnx.ModelProto) -> None:
 
 
 class _Clock:
-    """Seconds spent between successive ``lap`` calls, by label."""
+    """Seconds spent between successive ``lap`` calls, by label, and the process's peak RSS (MB)
+    so far at each (it only grows: the first pass that shows the final value reached the peak)."""
 
     def __init__(self):
         self.laps: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
         self._last = time.perf_counter()
 
     def lap(self, label: str) -> None:
         now = time.perf_counter()
         self.laps[label] = self.laps.get(label, 0.0) + now - self._last
+        peak = peak_rss_mb()
+        if peak is not None:
+            self.peaks[label] = round(peak, 1)
         self._last = now
 
 
@@ -483,6 +490,7 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     loaded = dataclasses.replace(loaded, model=None)
     result = compress_model(box.pop(), config, overrides=options.overrides, inplace=True)
     timings = {**clock.laps, **result.timings}
+    peaks = {**clock.peaks, **result.peak_rss_mb}
     clock = _Clock()
     set_metadata(result.model, {"udfc_onnx.source": src.name, "udfc_onnx.source_sha256": _sha256(src),
                                 "udfc_onnx.check": json.dumps({"check_n": options.check_n, "rtol": options.rtol,
@@ -525,7 +533,8 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
                   elapsed_s=time.perf_counter() - start, notes=notes,
                   layers=_layers_record(result.layer_bits, result.overrides), overrides=options.to_dict()["overrides"],
                   options={k: v for k, v in options.to_dict().items() if k != "overrides"},
-                  external_data=external, tool_version=__version__, fusion=fusion, timings={**timings, **clock.laps})
+                  external_data=external, tool_version=__version__, fusion=fusion, timings={**timings, **clock.laps},
+                  peak_rss_mb={**peaks, **clock.peaks})
 
 
 def plan_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None, config: CompressConfig, *,

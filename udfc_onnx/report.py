@@ -232,6 +232,7 @@ class Report:
     tool_version: str = ""
     fusion: dict = field(default_factory=dict)  # udfc_onnx.int8.FusionReport as a dict, plus "summary"
     timings: dict = field(default_factory=dict)  # seconds per pass, in run order
+    peak_rss_mb: dict = field(default_factory=dict)  # the process's peak RSS so far after each pass (Linux)
 
     @property
     def channels_removed(self) -> int:

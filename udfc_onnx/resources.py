@@ -25,7 +25,7 @@ import importlib
 import os
 from collections.abc import Iterator
 
-__all__ = ["limit_blas_threads", "blas_thread_controls", "release_memory", "DEFAULT_BLAS_THREADS"]
+__all__ = ["limit_blas_threads", "blas_thread_controls", "release_memory", "peak_rss_mb", "DEFAULT_BLAS_THREADS"]
 
 DEFAULT_BLAS_THREADS = 1
 # Symbol prefixes of OpenBLAS builds: plain, 64-bit-integer, and the one NumPy's wheels bundle.
@@ -115,3 +115,15 @@ def release_memory() -> None:
             _malloc_trim = None
     if _malloc_trim is not None:
         _malloc_trim(0)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far in MB (``VmHWM``), or None where /proc has no such line."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
