@@ -31,6 +31,7 @@ from .graph import GraphView, attribute, ensure_node_names
 from .int8 import Int8Record, check_fusion, quantize_activations
 from .load import PROTOBUF_LIMIT, default_opset, read_model
 from .moment_graph import estimate_layer_inputs
+from .synthetic import synthetic_moments
 from .overrides import OverrideRules
 from .plan import Plan, make_plan, restrict_to_layers
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
@@ -150,8 +151,14 @@ def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides:
     # Data-free activation moments for UDFC's regression/selection and the bias correction (issue 3).
     layer_inputs = estimate_layer_inputs(folded, stats, raw_filters) if config.uses_moments else None
     clock.lap("input moments")
-    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved, layer_inputs=layer_inputs)
+    activation_moments = synthetic_moments(folded, stats, plan, config, layers, notes)
+    if activation_moments is not None:
+        clock.lap("synthetic activations")
+    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved, layer_inputs=layer_inputs,
+                          activation_moments=activation_moments)
     clock.lap("solve")
+    if getattr(activation_moments, "failure", ""):
+        notes.append(f"synthetic activations stopped ({activation_moments.failure}); later units used analytic moments")
     del arrays, raw_filters  # unchanged weights stay in the model; changed ones are in the solution
     # Float weights about to be replaced by integers are not written (saves a model-sized copy);
     # their initializers keep stale values until the QDQ pass drops them.
