@@ -184,8 +184,9 @@ def model_macs(model: onnx.ModelProto) -> float:
     return total
 
 
-def sample_count(model: onnx.ModelProto, budget: float = MAC_BUDGET) -> int:
-    """Synthetic images that fit the MAC budget, capped at MAX_SAMPLES; 0 below MIN_SAMPLES."""
+def sample_count(model: onnx.ModelProto, budget: float | None = None) -> int:
+    """Synthetic images that fit the MAC budget (default :data:`MAC_BUDGET`), capped at MAX_SAMPLES; 0 below MIN_SAMPLES."""
+    budget = MAC_BUDGET if budget is None else budget
     macs = model_macs(model)
     if not np.isfinite(macs) or macs <= 0:
         return 0
@@ -193,9 +194,17 @@ def sample_count(model: onnx.ModelProto, budget: float = MAC_BUDGET) -> int:
     return n if n >= MIN_SAMPLES else 0
 
 
-def _activation_tensor(view: GraphView, consumer: str, channels: int) -> str | None:
-    node = view.nodes_by_name.get(consumer)
-    if node is None or node.op_type != "Conv":
+# A unit whose consumer reads fewer rows than this many per channel (a Gemm after global pooling
+# sees one row per image) keeps the analytic moments: its regression would be underdetermined.
+MIN_ROWS_PER_CHANNEL = 4
+
+
+def _activation_tensor(view: GraphView, consumer) -> str | None:
+    """The tensor a unit's consumer reads: a Conv's input, or a Gemm's input with one column per channel."""
+    node = view.nodes_by_name.get(consumer.node)
+    if node is None or node.op_type not in ("Conv", "Gemm") or (node.op_type == "Gemm" and consumer.block != 1):
+        return None
+    if node.op_type == "Gemm" and attribute(node, "transA", 0):
         return None
     return node.input[0]
 
@@ -241,7 +250,7 @@ def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats]
     for unit in units:
         if not unit.is_simple or len(unit.consumers) != 1:
             continue
-        tensor = _activation_tensor(view, unit.consumers[0].node, unit.channels)
+        tensor = _activation_tensor(view, unit.consumers[0])
         if tensor is not None:
             wanted[unit.producer] = tensor
     if not wanted or samples <= 0:
@@ -260,6 +269,8 @@ def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats]
     for producer, tensor in wanted.items():
         value = outputs[tensor]
         rows = np.moveaxis(value, 1, -1).reshape(-1, value.shape[1]).astype(np.float64)
+        if len(rows) < MIN_ROWS_PER_CHANNEL * rows.shape[1]:
+            continue
         mean = rows.mean(axis=0)
         centred = rows - mean
         result[producer] = ActivationMoments(mean, centred.T @ centred / len(rows), len(rows))
@@ -282,8 +293,8 @@ def synthetic_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats], pla
     samples = sample_count(folded) if config.synthetic_samples is None else config.synthetic_samples
     if samples <= 0:
         if notes is not None:
-            notes.append(f"synthetic activations: {model_macs(folded) / 1e9:.2f} GMAC per sample is over the "
-                         f"budget of {MIN_SAMPLES} samples; analytic moments used")
+            notes.append(f"synthetic activations: {model_macs(folded) / 1e9:.2f} GMAC per sample leaves fewer than "
+                         f"{MIN_SAMPLES} samples in the budget of {MAC_BUDGET / 1e9:g} GMAC; analytic moments used")
         return None
     units = [up.unit for up in plan.units]
     try:
@@ -367,7 +378,7 @@ class SequentialSampler:
         self.wanted: dict[str, str] = {}
         for unit in units:
             if unit.is_simple and len(unit.consumers) == 1:
-                tensor = _activation_tensor(self.view, unit.consumers[0].node, unit.channels)
+                tensor = _activation_tensor(self.view, unit.consumers[0])
                 if tensor is not None:
                     self.wanted[unit.producer] = tensor
         matched = bn_matched_model(folded, stats)
@@ -428,6 +439,8 @@ class SequentialSampler:
             self.failure = f"{type(exc).__name__}: {str(exc)[:200]}"
             return None
         rows_c = np.moveaxis(value, 1, -1).reshape(-1, value.shape[1]).astype(np.float64)
+        if len(rows_c) < MIN_ROWS_PER_CHANNEL * rows_c.shape[1]:
+            return None
         orig = self.targets[target]
         rows_o = np.moveaxis(orig, 1, -1).reshape(-1, orig.shape[1]).astype(np.float64)
         mean_c, mean_o = rows_c.mean(axis=0), rows_o.mean(axis=0)
