@@ -144,7 +144,7 @@ def _add_accuracy(g, d: CompressConfig) -> None:
                    help="synthetic regression: refit each unit on the network compressed so far, or each unit "
                         f"alone on the original network (default: {d.synthetic_fit})")
     g.add_argument("--synthetic-samples", dest="synthetic_samples", type=int, default=None,
-                   help="synthetic images (default: from a MAC budget, 127 for a CIFAR ResNet-56)")
+                   help="synthetic images (default: from a MAC budget, 256 for a CIFAR ResNet-56)")
     g.add_argument("--seed", type=int, default=None, help=f"seed of the synthetic noise (default: {d.seed})")
     g.add_argument("--selection", choices=["greedy", "norm"], default=None,
                    help="UDFC kept channels: least compensated error, or top --criterion norms as in the paper "
