@@ -317,7 +317,7 @@ def ablation_synthetic(ctx, args):
         ("synthetic, sequential, seed 1", dict(regression="synthetic", seed=1)),
         ("synthetic, sequential, norm selection", dict(regression="synthetic", selection="norm")),
     ]
-    cols = _ratio_cols(args.ratios, "float") + _ratio_cols(args.ratios, "4")
+    cols = _ratio_cols(args.ratios, "4")
     return _grid(ctx, "Data-free statistics of the regression: analytic moments vs BN-matched synthetic activations (L1)",
                  rows, cols, "Synthetic: Gaussian noise through the model with every folded BN renormalised to its "
                  "gamma/beta over the batch (udfc_onnx/synthetic.py); samples from the MAC budget unless given.")
