@@ -29,13 +29,17 @@ from onnx import helper, numpy_helper
 from .graph import GraphView, attribute
 from .stats import BNStats
 
-__all__ = ["ActivationMoments", "bn_matched_model", "model_macs", "sample_count", "synthetic_unit_moments",
-           "MAC_BUDGET", "MIN_SAMPLES", "MAX_SAMPLES"]
+__all__ = ["ActivationMoments", "bn_matched_model", "model_cost", "model_macs", "sample_count", "synthetic_unit_moments",
+           "MAC_BUDGET", "ELEMENT_BUDGET", "MIN_SAMPLES", "MAX_SAMPLES"]
 
 # Samples x MACs per sample: 256 CIFAR ResNet-56 images (0.126 GMAC each), seconds of ORT on two
 # cores for the sequential fit; a 224x224 ResNet-50 (4.1 GMAC) gets 8 and a ResNet-18 (1.8 GMAC)
 # 18, under MIN_SAMPLES: they keep the analytic moments (no sampling cost on big models).
 MAC_BUDGET = 3.3e10
+# Samples x Conv/Gemm output elements per sample: the sequential sampler keeps one float32 offset per
+# element (ResNet-56: 0.53 M per image, 256 images = 0.55 GB); a 224x224 MobileNetV2 (about 7 M per
+# image) would get 21 samples and keeps the analytic moments.
+ELEMENT_BUDGET = 1.5e8
 # resnet56_nm, 4-bit, L1, 2000 images, seeds 0/1/2: at 50 % pruning 64 samples give 78.10 / 78.45 /
 # 74.35 %, 256 samples 78.50 / 78.55 / 77.45 % (at 40 %: 85.80 / 87.10 / 86.00 vs 86.30 / 86.70 /
 # 86.35); 32 samples 77.25 / 86.15 (seed 0). Fewer samples give noisy fits.
@@ -141,6 +145,14 @@ def model_macs(model: onnx.ModelProto) -> float:
     Runs on a skeleton of the graph (initializers as shaped inputs, no weight data), so it costs
     milliseconds on a 100 MB model; inf when the shapes cannot be inferred.
     """
+    return model_cost(model)[0]
+
+
+def model_cost(model: onnx.ModelProto) -> tuple[float, float]:
+    """(MACs, output elements) of one input sample over every Conv and Gemm; (inf, inf) if unknown.
+
+    The output elements bound the sampler's memory: it keeps one offset per element and sample.
+    """
     graph = model.graph
     inputs = []
     for inp in graph.input:
@@ -164,34 +176,38 @@ def model_macs(model: onnx.ModelProto) -> float:
     try:
         probe = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     except Exception:  # unknown shapes: treat the model as too big for sampling
-        return float("inf")
+        return float("inf"), float("inf")
     shapes = {}  # per sample: the batch axis may stay symbolic behind shape-computing shortcuts
     for vi in list(probe.graph.value_info) + list(probe.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
             shapes[vi.name] = [d.dim_value for d in dims[1:]]
-    total = 0.0
+    total = elements = 0.0
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
             continue
         out = shapes.get(node.output[0])
         if out is None:
-            return float("inf")
+            return float("inf"), float("inf")
+        elements += float(np.prod(out))
         w = inits[node.input[1]]
         if node.op_type == "Conv":
             total += float(np.prod(out)) * float(np.prod(w[1:]))
         else:
             total += float(np.prod(out)) * float(w[1] if attribute(node, "transB", 0) else w[0])
-    return total
+    return total, elements
 
 
 def sample_count(model: onnx.ModelProto, budget: float | None = None) -> int:
-    """Synthetic images that fit the MAC budget (default :data:`MAC_BUDGET`), capped at MAX_SAMPLES; 0 below MIN_SAMPLES."""
+    """Synthetic images within the MAC and memory budgets, capped at MAX_SAMPLES; 0 below MIN_SAMPLES.
+
+    ``budget`` replaces :data:`MAC_BUDGET`; the memory budget is :data:`ELEMENT_BUDGET`.
+    """
     budget = MAC_BUDGET if budget is None else budget
-    macs = model_macs(model)
-    if not np.isfinite(macs) or macs <= 0:
+    macs, elements = model_cost(model)
+    if not np.isfinite(macs) or macs <= 0 or not np.isfinite(elements):
         return 0
-    n = int(min(MAX_SAMPLES, budget // macs))
+    n = int(min(MAX_SAMPLES, budget // macs, ELEMENT_BUDGET // max(elements, 1.0)))
     return n if n >= MIN_SAMPLES else 0
 
 
@@ -294,8 +310,10 @@ def synthetic_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats], pla
     samples = sample_count(folded) if config.synthetic_samples is None else config.synthetic_samples
     if samples <= 0:
         if notes is not None:
-            notes.append(f"synthetic activations: {model_macs(folded) / 1e9:.2f} GMAC per sample leaves fewer than "
-                         f"{MIN_SAMPLES} samples in the budget of {MAC_BUDGET / 1e9:g} GMAC; analytic moments used")
+            macs, elements = model_cost(folded)
+            notes.append(f"synthetic activations: {macs / 1e9:.2f} GMAC and {elements / 1e6:.2f} M outputs per sample "
+                         f"leave fewer than {MIN_SAMPLES} samples in the budgets ({MAC_BUDGET / 1e9:g} GMAC, "
+                         f"{ELEMENT_BUDGET / 1e6:g} M elements); analytic moments used")
         return None
     units = [up.unit for up in plan.units]
     try:
