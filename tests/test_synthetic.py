@@ -70,7 +70,7 @@ def test_synthetic_regression_recovers_an_exact_linear_dependency(rng, fit):
         _twin(model, layer, src, (src + 1) % channels, 1.5)
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     cfg = CompressConfig(prune_ratio=0.125, weight_bits=None, regression="synthetic", synthetic_fit=fit,
-                         synthetic_samples=32)  # the Gemm after pooling reads one row per sample
+                         synthetic_samples=32, selection="greedy")  # the Gemm after pooling reads one row per sample
     result = compress_model(model, cfg)
     expected = "synthetic-sequential" if fit == "sequential" else "synthetic"
     assert [u.regression for u in result.solution.units] == [expected, expected]
@@ -102,3 +102,11 @@ def test_udfc_beats_nm_at_half_pruning_on_resnet56(shared_models, cifar_test):
         acc[method] = float((run(out, x)[0].argmax(1) == y[:500]).mean())
     # 2000 images: 77.25 % vs 57 % (NM); on 500 images the margin is about ten standard errors
     assert acc["udfc"] > acc["nm"] + 0.1, acc
+
+
+def test_auto_selection_is_norm_for_the_sequential_fit_only():
+    model = conv_chain((3, 8, 6))
+    cfg = CompressConfig(prune_ratio=0.25, weight_bits=None, synthetic_samples=32)
+    assert [u.selection for u in compress_model(model, cfg).solution.units] == ["norm", "norm"]
+    layer = compress_model(model, cfg.replace(synthetic_fit="layer")).solution.units
+    assert [u.selection for u in layer] == ["greedy", "greedy"]

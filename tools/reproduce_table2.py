@@ -311,11 +311,11 @@ def ablation_synthetic(ctx, args):
     rows = [
         ("analytic moments (pre-activation, propagated input moments)", dict(regression="moments")),
         ("synthetic, per layer (original network)", dict(regression="synthetic", synthetic_fit="layer")),
-        ("synthetic, sequential (= defaults)", dict(regression="synthetic", synthetic_fit="sequential")),
-        ("synthetic, sequential, 32 samples", dict(regression="synthetic", synthetic_samples=32)),
-        ("synthetic, sequential, 256 samples", dict(regression="synthetic", synthetic_samples=256)),
-        ("synthetic, sequential, seed 1", dict(regression="synthetic", seed=1)),
-        ("synthetic, sequential, norm selection", dict(regression="synthetic", selection="norm")),
+        ("synthetic, sequential, greedy selection", dict(regression="synthetic", selection="greedy")),
+        ("synthetic, sequential, greedy, 32 samples", dict(regression="synthetic", selection="greedy", synthetic_samples=32)),
+        ("synthetic, sequential, greedy, 256 samples", dict(regression="synthetic", selection="greedy", synthetic_samples=256)),
+        ("synthetic, sequential, greedy, seed 1", dict(regression="synthetic", selection="greedy", seed=1)),
+        ("synthetic, sequential, norm selection (= defaults)", dict(regression="synthetic", selection="norm")),
     ]
     cols = _ratio_cols(args.ratios, "4")
     return _grid(ctx, "Data-free statistics of the regression: analytic moments vs BN-matched synthetic activations (L1)",

@@ -148,7 +148,7 @@ def _add_accuracy(g, d: CompressConfig) -> None:
     g.add_argument("--seed", type=int, default=None, help=f"seed of the synthetic noise (default: {d.seed})")
     g.add_argument("--selection", choices=["greedy", "norm"], default=None,
                    help="UDFC kept channels: least compensated error, or top --criterion norms as in the paper "
-                        f"(default: {d.selection})")
+                        "(default: norm for the sequential synthetic fit, greedy for the others)")
     g.add_argument("--mean-weight", dest="mean_weight", type=float, default=None,
                    help=f"weight of the means in the moment regression (default: {d.mean_weight})")
     g.add_argument("--bias-units", dest="bias_units", choices=["e", "b"], default=None,

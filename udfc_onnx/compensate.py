@@ -311,19 +311,21 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
         act = None
     sequential = act is not None and getattr(act, "cross", None) is not None
     moments = _moment_setup(prod, W, b, st, li) if udfc and act is None and (
-        config.regression in ("moments", "synthetic") or config.selection == "greedy") else None
+        config.regression in ("moments", "synthetic") or config.selection != "norm") else None
+    # selection None (auto): norm for the sequential synthetic refit, greedy for the other fits
+    greedy = config.selection == "greedy" or (config.selection is None and not sequential)
 
     selection = "norm"
     views = {cs.node: _consumer_view(layers[cs.node], arrays[layers[cs.node].weight], cs, C)[:, cs.offset:cs.offset + C]
              for cs in unit.consumers}
-    if udfc and config.selection == "greedy" and act is not None and len(keep) < C:
+    if udfc and greedy and act is not None and len(keep) < C:
         # the constant of the post-activation regression absorbs the mean: centred covariance.
         # (Choosing K for the sequential refit objective instead, tr(G (S_oo - X_K^T S_KK^-1 X_K)),
         # measured no better: 85.95 / 77.65 vs 86.30 / 78.50 at 40 / 50 %, 256 samples, 4-bit.)
         gram = sum(consumer_gram(v) for v in views.values())
         keep = select_keep_greedy(act.cov, gram, len(keep))
         selection = "greedy"
-    elif udfc and config.selection == "greedy" and moments is not None and len(keep) < C:
+    elif udfc and greedy and moments is not None and len(keep) < C:
         patch_cov, _, scale, mean = moments
         flat = W.reshape(C, -1)
         second = filter_second_moments(flat, flat, patch_cov, scale, scale, mean, mean, mean_weight=config.mean_weight)

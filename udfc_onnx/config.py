@@ -74,9 +74,13 @@ class CompressConfig:
         Synthetic images; None picks them from a MAC budget (udfc_onnx.synthetic.sample_count).
     seed : int, default=0
         Seed of the synthetic noise.
-    selection : {"greedy", "norm"}, default="greedy"
+    selection : {"greedy", "norm"} or None, default=None
         UDFC only: keep the channels whose removal leaves the least compensated error at the
         consumer [EXT], or the top norms by ``criterion`` (the paper; prune/nm always use norms).
+        None (auto): norms for the sequential synthetic fit, whose refit of every consumer
+        input slice does better on the norm-ranked set (resnet56_nm, 4-bit, L1, 2000 images,
+        three seeds: 78.92 vs 77.88 % at 50 %, 86.83 vs 86.52 % at 40 %), greedy for the
+        moment and per-layer synthetic fits (moments: +5.1 points at 50 % float).
     bias_correction : bool or None, default=None
         Data-free DFQ bias correction of every quantized layer, ``b -= (Q(W) - W) E[x]``;
         None means on for udfc, off for the nm/prune baselines.
@@ -115,7 +119,7 @@ class CompressConfig:
     synthetic_fit: str = "sequential"
     synthetic_samples: int | None = None
     seed: int = 0
-    selection: str = "greedy"
+    selection: str | None = None
     bias_correction: bool | None = None
     bias_units: str = "e"
     mean_weight: float = 4.0
@@ -179,7 +183,9 @@ class CompressConfig:
             raise InvalidConfigError(f"quant_compensation must be one of {QUANT_COMP}, got {self.quant_compensation!r}")
         if self.nm_ratio not in ("published", "derived"):
             raise InvalidConfigError(f"nm_ratio must be 'published' or 'derived', got {self.nm_ratio!r}")
-        for name, allowed in (("regression", REGRESSIONS), ("selection", SELECTIONS), ("bias_units", BIAS_UNITS),
+        if self.selection is not None and self.selection not in SELECTIONS:
+            raise InvalidConfigError(f"selection must be one of {SELECTIONS} (or null for auto), got {self.selection!r}")
+        for name, allowed in (("regression", REGRESSIONS), ("bias_units", BIAS_UNITS),
                               ("synthetic_fit", SYNTHETIC_FITS),
                               ("granularity", GRANULARITIES)):
             if getattr(self, name) not in allowed:
@@ -204,7 +210,7 @@ class CompressConfig:
     @property
     def uses_moments(self) -> bool:
         """Whether the run needs the data-free activation moments of the graph."""
-        udfc_moments = self.method == "udfc" and (self.regression != "euclidean" or self.selection == "greedy")
+        udfc_moments = self.method == "udfc" and (self.regression != "euclidean" or self.selection != "norm")
         return udfc_moments or self.use_bias_correction
 
     def symmetric_for(self, bits: int) -> bool:

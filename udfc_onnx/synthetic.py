@@ -11,11 +11,15 @@ BN's pre-activations then have exactly the BN's mean beta and standard deviation
 synthetic batch, whatever the input distribution; the first BN fixes the scale of the noise. The
 activations a consumer reads (after ReLU, through any op ONNX Runtime runs: Slice/Pad shortcuts
 included) give the empirical mean and covariance of each unit's channels, which the solver uses
-like the oracle uses real activations: post-activation regression of pruned on kept channels plus
-a constant (udfc_onnx.compensate).
+like the oracle uses real activations: post-activation regression plus a constant
+(udfc_onnx.compensate), either per layer (:func:`synthetic_unit_moments`: pruned on kept channels
+of the original network) or sequentially (:class:`SequentialSampler`: every original channel on the
+kept channels of the network as compressed so far, the default).
 
-The cost is one ORT pass of ``samples`` images; :func:`sample_count` picks it from a MAC budget and
-returns 0 (use the analytic moments) when the model is too big for useful samples.
+The cost is about two ORT passes of ``samples`` images and one float32 per layer output element and
+sample; :func:`sample_count` picks the count from a MAC and a memory budget and returns 0 (use the
+analytic moments, udfc_onnx.moment_graph) when the model is too big for useful samples.
+This module runs graphs; the solver it feeds stays pure NumPy and only sees the moments.
 """
 from __future__ import annotations
 
@@ -29,8 +33,9 @@ from onnx import helper, numpy_helper
 from .graph import GraphView, attribute
 from .stats import BNStats
 
-__all__ = ["ActivationMoments", "bn_matched_model", "model_cost", "model_macs", "sample_count", "synthetic_unit_moments",
-           "MAC_BUDGET", "ELEMENT_BUDGET", "MIN_SAMPLES", "MAX_SAMPLES"]
+__all__ = ["ActivationMoments", "PairedMoments", "SequentialSampler", "bn_matched_model", "model_cost", "model_macs",
+           "sample_count", "synthetic_moments", "synthetic_unit_moments", "MAC_BUDGET", "ELEMENT_BUDGET", "MIN_SAMPLES",
+           "MAX_SAMPLES"]
 
 # Samples x MACs per sample: 256 CIFAR ResNet-56 images (0.126 GMAC each), seconds of ORT on two
 # cores for the sequential fit; a 224x224 ResNet-50 (4.1 GMAC) gets 8 and a ResNet-18 (1.8 GMAC)
