@@ -47,7 +47,7 @@ def twins():
 def test_greedy_selection_finds_redundant_channels_and_compensates_exactly(twins, rng):
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     ref = run(twins, x)
-    cfg = CompressConfig(prune_ratio=0.125, weight_bits=None)  # one channel of each conv goes
+    cfg = CompressConfig(prune_ratio=0.125, weight_bits=None, selection="greedy")  # one channel of each conv goes
     greedy = compress_model(twins, cfg)
     assert [u.selection for u in greedy.solution.units] == ["greedy", "greedy"]
     np.testing.assert_allclose(run(greedy.model, x), ref, rtol=1e-4, atol=1e-4)

@@ -2,7 +2,6 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import numpy_helper
 
 from tests.graphs import conv_chain

@@ -197,9 +197,10 @@ def ablation_leads(ctx, args):
         ("UDFC paper: Euclidean LS, alpha1 0.01", {**PAPER, **udfc}),
         ("+ mean-residual bias transfer", {**PAPER, **udfc, "bias_transfer": True}),
         ("+ input-moment regression", {**PAPER, **udfc, "bias_transfer": True, "regression": "moments"}),
-        ("+ greedy selection (= defaults, float part)", {**PAPER, **udfc, "bias_transfer": True, "regression": "moments",
-                                                         "selection": "greedy"}),
-        ("defaults", dict(udfc)),
+        ("+ greedy selection (= defaults before synthetic, float part)",
+         {**PAPER, **udfc, "bias_transfer": True, "regression": "moments", "selection": "greedy"}),
+        ("moment defaults (regression moments)", dict(udfc, regression="moments")),
+        ("defaults (BN-matched synthetic, sequential)", dict(udfc)),
     ]
     cols = _ratio_cols(args.ratios, "float") + _ratio_cols(args.ratios, "4")
     return _grid(ctx, "Leads: what closes the gap (L1)", rows, cols,
@@ -239,7 +240,7 @@ def ablation_bias_transfer(ctx, args):
 
 
 def ablation_ridge(ctx, args):
-    rows = [(f"moments, ridge {r:g}", dict(ridge=r)) for r in (0, 1e-3, 1e-2, 0.1)]
+    rows = [(f"ridge {r:g}", dict(ridge=r)) for r in (0, 1e-3, 1e-2, 0.1)]
     rows += [(f"paper Euclidean + transfer, ridge {r:g}", dict(PAPER, bias_transfer=True, ridge=r)) for r in (0, 0.1, 0.3)]
     return _grid(ctx, "Ridge of the pruning regression [EXT]", rows, _ratio_cols(args.ratios, "float"))
 
@@ -305,8 +306,25 @@ def ablation_selection(ctx, args):
     return _grid(ctx, "Kept set by norm vs by compensated reconstruction error [EXT] (bias transfer on)", rows, cols)
 
 
+def ablation_synthetic(ctx, args):
+    """Which data-free statistics the UDFC regression and greedy selection use (L1, defaults otherwise)."""
+    rows = [
+        ("analytic moments (pre-activation, propagated input moments)", dict(regression="moments")),
+        ("synthetic, per layer (original network)", dict(regression="synthetic", synthetic_fit="layer")),
+        ("synthetic, sequential, greedy selection", dict(regression="synthetic", selection="greedy")),
+        ("synthetic, sequential, greedy, 32 samples", dict(regression="synthetic", selection="greedy", synthetic_samples=32)),
+        ("synthetic, sequential, greedy, 256 samples", dict(regression="synthetic", selection="greedy", synthetic_samples=256)),
+        ("synthetic, sequential, greedy, seed 1", dict(regression="synthetic", selection="greedy", seed=1)),
+        ("synthetic, sequential, norm selection (= defaults)", dict(regression="synthetic", selection="norm")),
+    ]
+    cols = _ratio_cols(args.ratios, "4")
+    return _grid(ctx, "Data-free statistics of the regression: analytic moments vs BN-matched synthetic activations (L1)",
+                 rows, cols, "Synthetic: Gaussian noise through the model with every folded BN renormalised to its "
+                 "gamma/beta over the batch (udfc_onnx/synthetic.py); samples from the MAC budget unless given.")
+
+
 def ablation_mean_weight(ctx, args):
-    rows = [(f"mean_weight {w:g}", dict(mean_weight=w)) for w in (1.0, 2.0, 4.0, 16.0)]
+    rows = [(f"mean_weight {w:g}", dict(mean_weight=w, regression="moments")) for w in (1.0, 2.0, 4.0, 16.0)]
     return _grid(ctx, "Weight of the means in the moment regression [EXT] (1 = exact second moment)", rows,
                  _ratio_cols(args.ratios, "4"))
 
@@ -418,6 +436,7 @@ ABLATIONS = {
     "bits": ablation_bits,
     "selection": ablation_selection,
     "mean-weight": ablation_mean_weight,
+    "synthetic": ablation_synthetic,
     "oracle": ablation_oracle,
 }
 

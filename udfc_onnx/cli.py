@@ -139,12 +139,19 @@ def _add_int8_output(g, d: CompressConfig) -> None:
 
 def _add_accuracy(g, d: CompressConfig) -> None:
     # Choices settled by tools/reproduce_table2.py --ablation (issue 3).
-    g.add_argument("--regression", choices=["moments", "euclidean"], default=None,
-                   help="UDFC pruning regression: under data-free input moments, or the paper's plain least squares "
+    g.add_argument("--regression", choices=["synthetic", "moments", "euclidean"], default=None,
+                   help="UDFC pruning regression: on BN-matched synthetic activations (no data; big models fall back "
+                        "to moments), under analytic input moments, or the paper's plain least squares "
                         f"(default: {d.regression})")
+    g.add_argument("--synthetic-fit", dest="synthetic_fit", choices=["sequential", "layer"], default=None,
+                   help="synthetic regression: refit each unit on the network compressed so far, or each unit "
+                        f"alone on the original network (default: {d.synthetic_fit})")
+    g.add_argument("--synthetic-samples", dest="synthetic_samples", type=int, default=None,
+                   help="synthetic images (default: from a MAC budget, 256 for a CIFAR ResNet-56)")
+    g.add_argument("--seed", type=int, default=None, help=f"seed of the synthetic noise (default: {d.seed})")
     g.add_argument("--selection", choices=["greedy", "norm"], default=None,
                    help="UDFC kept channels: least compensated error, or top --criterion norms as in the paper "
-                        f"(default: {d.selection})")
+                        "(default: norm for the sequential synthetic fit, greedy for the others)")
     g.add_argument("--mean-weight", dest="mean_weight", type=float, default=None,
                    help=f"weight of the means in the moment regression (default: {d.mean_weight})")
     g.add_argument("--bias-units", dest="bias_units", choices=["e", "b"], default=None,

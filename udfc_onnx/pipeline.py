@@ -32,6 +32,7 @@ from .graph import GraphView, attribute, ensure_node_names, without_initializer_
 from .int8 import Int8Record, check_fusion, quantize_activations
 from .load import PROTOBUF_LIMIT, default_opset, read_model, shape_skeleton
 from .moment_graph import estimate_layer_inputs
+from .synthetic import synthetic_moments
 from .overrides import OverrideRules
 from .plan import Plan, make_plan, restrict_to_layers
 from .qdq import MIN_QDQ_OPSET, emit_weight_qdq
@@ -196,8 +197,14 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
         view = None
         release_memory()
     clock.lap("input moments")
-    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved, layer_inputs=layer_inputs)
+    activation_moments = synthetic_moments(folded, stats, plan, config, layers, notes, weights=folded_weights)
+    if activation_moments is not None:
+        clock.lap("synthetic activations")
+    solution = solve_plan(plan, arrays, layers, stats, raw_filters, config, overrides=resolved, layer_inputs=layer_inputs,
+                          activation_moments=activation_moments)
     clock.lap("solve")
+    if getattr(activation_moments, "failure", ""):
+        notes.append(f"synthetic activations stopped ({activation_moments.failure}); later units used analytic moments")
     del arrays, raw_filters
     # The current value of every weight the passes touched: folded, then changed by the solution.
     current = {**folded_weights, **solution.arrays}

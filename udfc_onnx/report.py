@@ -324,9 +324,12 @@ def render_units(units: list[dict], skipped: list[dict], layers: dict, notes: li
         rows = [(u["producer"], f"{u['kept']}/{u['channels']}", f"{u.get('ratio', 0):.3g}",
                  _opt(layers.get(u["producer"], {}).get("bits")) if layers else "",
                  u.get("method", ""), "" if "compensated" not in u else "yes" if u["compensated"] else "no",
+                u.get("regression", ""),
                  ", ".join(f"{k}={v}" for k, v in (u.get("override") or {}).items()))
                 for u in units]
-        out += _grid(("unit (producer)", "kept", "ratio", "bits", "method", "compensated", "override"), rows, "<>>><<<")
+        # statistics: which data-free fit the unit used (synthetic-sequential, synthetic, moments, euclidean)
+        out += _grid(("unit (producer)", "kept", "ratio", "bits", "method", "compensated", "statistics", "override"),
+                     rows, "<>>><<<<")
     out += [f"left alone: {s['node']}: {s['reason']}" for s in skipped]
     out += [f"note: {n}" for n in notes]
     return "\n".join(out)
