@@ -57,3 +57,23 @@ def conv_chain(channels=(3, 8, 12, 10), *, bn=True, relu=True, head="gemm", seed
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """Initializer ``name`` as float64."""
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name)).astype(np.float64)
+
+
+def make_twin_channel(model: onnx.ModelProto, layer: int, src: int, dst: int, factor: float) -> None:
+    """Make channel ``dst`` of ``conv_chain``'s conv ``layer`` exactly ``factor`` x channel ``src``
+    after its BN (and ReLU), in place."""
+    from udfc_onnx.graph import set_initializer
+
+    w = initializer_array(model, f"conv{layer}.weight")
+    w[dst] = factor * w[src]
+    set_initializer(model, f"conv{layer}.weight", w.astype(np.float32))
+    p = {k: initializer_array(model, f"bn{layer}.{k}") for k in ("gamma", "beta", "mean", "var")}
+    p["gamma"][dst], p["beta"][dst], p["mean"][dst] = factor * p["gamma"][src], factor * p["beta"][src], factor * p["mean"][src]
+    p["var"][dst] = factor**2 * (p["var"][src] + 1e-5) - 1e-5  # sigma_dst = factor * sigma_src exactly
+    for k, v in p.items():
+        set_initializer(model, f"bn{layer}.{k}", v.astype(np.float32))

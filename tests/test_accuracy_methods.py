@@ -2,12 +2,10 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
 
-from tests.graphs import conv_chain
+from tests.graphs import conv_chain, initializer_array, make_twin_channel
 from udfc_onnx import PRESETS, CompressConfig, InvalidConfigError, compress_model
 from udfc_onnx.fold import fold_batchnorm
-from udfc_onnx.graph import GraphView, set_initializer
 from udfc_onnx.moment_graph import estimate_layer_inputs
 from udfc_onnx.moments import relu_mean_var
 from udfc_onnx.stats import read_bn_stats
@@ -17,30 +15,14 @@ def run(model, x):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
 
-def _array(model, name):
-    return numpy_helper.to_array(GraphView(model).initializers[name]).astype(np.float64)
-
-
-def _twin(model, layer, src, dst, factor):
-    """Make channel ``dst`` of conv ``layer`` exactly ``factor`` x channel ``src`` after its BN (and ReLU)."""
-    w = _array(model, f"conv{layer}.weight")
-    w[dst] = factor * w[src]
-    set_initializer(model, f"conv{layer}.weight", w.astype(np.float32))
-    p = {k: _array(model, f"bn{layer}.{k}") for k in ("gamma", "beta", "mean", "var")}
-    p["gamma"][dst], p["beta"][dst], p["mean"][dst] = factor * p["gamma"][src], factor * p["beta"][src], factor * p["mean"][src]
-    p["var"][dst] = factor**2 * (p["var"][src] + 1e-5) - 1e-5  # sigma_dst = factor * sigma_src exactly
-    for k, v in p.items():
-        set_initializer(model, f"bn{layer}.{k}", v.astype(np.float32))
-
-
 @pytest.fixture
 def twins():
     """conv(3->8)-BN-ReLU-conv(8->6)-BN-ReLU-GAP-Gemm where each conv has a scaled twin of its largest filter."""
     model = conv_chain((3, 8, 6))
     for layer, channels in ((0, 8), (1, 6)):
-        norms = np.abs(_array(model, f"conv{layer}.weight")).reshape(channels, -1).sum(1)
+        norms = np.abs(initializer_array(model, f"conv{layer}.weight")).reshape(channels, -1).sum(1)
         src = int(np.argmax(norms))
-        _twin(model, layer, src, (src + 1) % channels, 1.5)  # the twin outranks every other filter by norm
+        make_twin_channel(model, layer, src, (src + 1) % channels, 1.5)  # the twin outranks every other filter by norm
     return model
 
 
@@ -64,7 +46,7 @@ def test_paper_preset_is_the_euclidean_reading():
 def test_moment_graph_means_follow_bn_and_relu():
     model = conv_chain(pool=True)
     stats = read_bn_stats(model)
-    raw = {n.name: _array(model, n.input[1]) for n in model.graph.node if n.op_type == "Conv"}
+    raw = {n.name: initializer_array(model, n.input[1]) for n in model.graph.node if n.op_type == "Conv"}
     folded, _ = fold_batchnorm(model)
     inputs = estimate_layer_inputs(folded, stats, raw)
     assert set(inputs) == {"conv0", "conv1", "conv2", "fc"}
@@ -79,14 +61,14 @@ def test_moment_graph_means_follow_bn_and_relu():
 def test_bias_correction_restores_each_layers_expected_output(rng):
     model = conv_chain()
     stats = read_bn_stats(model)
-    raw = {n.name: _array(model, n.input[1]) for n in model.graph.node if n.op_type == "Conv"}
+    raw = {n.name: initializer_array(model, n.input[1]) for n in model.graph.node if n.op_type == "Conv"}
     folded, _ = fold_batchnorm(model)
     inputs = estimate_layer_inputs(folded, stats, raw)
     result = compress_model(model, CompressConfig(weight_bits=3))
     for node in folded.graph.node:
         if node.op_type not in ("Conv", "Gemm"):
             continue
-        w = _array(folded, node.input[1])
+        w = initializer_array(folded, node.input[1])
         dq = result.solution.quantized[node.input[1]].dequantize()
         if node.op_type == "Gemm":
             shift = (dq - w) @ inputs[node.name].mean
@@ -94,8 +76,8 @@ def test_bias_correction_restores_each_layers_expected_output(rng):
             eps = (dq - w).reshape(w.shape[0], w.shape[1], -1)
             shift = np.einsum("oct,t,c->o", eps, inputs[node.name].tap_fraction, inputs[node.name].mean)
         bias_name = node.input[2]
-        new_bias = result.solution.arrays.get(bias_name, _array(folded, bias_name))
-        np.testing.assert_allclose(new_bias.astype(np.float64) - _array(folded, bias_name), -shift, atol=1e-5)
+        new_bias = result.solution.arrays.get(bias_name, initializer_array(folded, bias_name))
+        np.testing.assert_allclose(new_bias.astype(np.float64) - initializer_array(folded, bias_name), -shift, atol=1e-5)
         if node.name != "conv0":  # the image input has mean 0: nothing to correct there
             assert np.abs(shift).max() > 1e-4
 
@@ -105,8 +87,8 @@ def test_cross_layer_equalization_keeps_the_function_and_equalizes_ranges(rng):
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     result = compress_model(model, CompressConfig(weight_bits=None, cross_layer_equalization=True))
     np.testing.assert_allclose(run(result.model, x), run(model, x), rtol=1e-4, atol=1e-4)
-    w0 = _array(result.model, "conv0.weight")
-    w1 = _array(result.model, "conv1.weight")
+    w0 = initializer_array(result.model, "conv0.weight")
+    w1 = initializer_array(result.model, "conv1.weight")
     np.testing.assert_allclose(np.abs(w0).reshape(8, -1).max(1), np.abs(w1).max(axis=(0, 2, 3)), rtol=1e-4)
 
 

@@ -3,12 +3,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from tests.graphs import conv_chain
+from tests.graphs import conv_chain, initializer_array, make_twin_channel
 from udfc_onnx import CompressConfig, compress_model
 from udfc_onnx.fold import fold_batchnorm
-from udfc_onnx.graph import GraphView, set_initializer
+from udfc_onnx.graph import GraphView
 from udfc_onnx.stats import read_bn_stats
 from udfc_onnx import synthetic
 from udfc_onnx.synthetic import bn_matched_model, model_macs, sample_count
@@ -45,29 +45,13 @@ def test_model_macs_counts_convs_and_gemm():
     assert sample_count(model, budget=1e3) == 0  # under MIN_SAMPLES: analytic moments
 
 
-def _array(model, name):
-    return numpy_helper.to_array(GraphView(model).initializers[name]).astype(np.float64)
-
-
-def _twin(model, layer, src, dst, factor):
-    """Make channel ``dst`` of conv ``layer`` exactly ``factor`` x channel ``src`` after its BN (and ReLU)."""
-    w = _array(model, f"conv{layer}.weight")
-    w[dst] = factor * w[src]
-    set_initializer(model, f"conv{layer}.weight", w.astype(np.float32))
-    p = {k: _array(model, f"bn{layer}.{k}") for k in ("gamma", "beta", "mean", "var")}
-    p["gamma"][dst], p["beta"][dst], p["mean"][dst] = factor * p["gamma"][src], factor * p["beta"][src], factor * p["mean"][src]
-    p["var"][dst] = factor**2 * (p["var"][src] + 1e-5) - 1e-5
-    for k, v in p.items():
-        set_initializer(model, f"bn{layer}.{k}", v.astype(np.float32))
-
-
 @pytest.mark.parametrize("fit", ["sequential", "layer"])
 def test_synthetic_regression_recovers_an_exact_linear_dependency(rng, fit):
     model = conv_chain((3, 8, 6))
     for layer, channels in ((0, 8), (1, 6)):
-        norms = np.abs(_array(model, f"conv{layer}.weight")).reshape(channels, -1).sum(1)
+        norms = np.abs(initializer_array(model, f"conv{layer}.weight")).reshape(channels, -1).sum(1)
         src = int(np.argmax(norms))
-        _twin(model, layer, src, (src + 1) % channels, 1.5)
+        make_twin_channel(model, layer, src, (src + 1) % channels, 1.5)
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     cfg = CompressConfig(prune_ratio=0.125, weight_bits=None, regression="synthetic", synthetic_fit=fit,
                          synthetic_samples=32, selection="greedy")  # the Gemm after pooling reads one row per sample
