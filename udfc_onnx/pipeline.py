@@ -62,10 +62,6 @@ class CompressResult:
     peak_rss_mb: dict = field(default_factory=dict)  # the process's peak RSS so far at the end of each pass
 
 
-# ORT CPU's QLinearConv with fewer output channels than this runs no faster than with this many.
-NARROW_INT8_CONV = INT8_CHANNEL_MULTIPLE
-
-
 def collect_layers(model: onnx.ModelProto) -> dict[str, Layer]:
     """Every Conv/Gemm whose weight is a constant used only by it (the ones we may rewrite)."""
     view = GraphView(model)
@@ -587,10 +583,10 @@ def _check_fusion(path: Path, solution: Solution, notes: list[str]) -> dict:
         notes.append(f"ORT fusion check failed: {first_line(exc)}")
         return {}
     report = dict(asdict(fusion), summary=fusion.summary())
-    narrow = [u for u in solution.units if u.kept < NARROW_INT8_CONV <= u.channels]
+    narrow = [u for u in solution.units if u.kept < INT8_CHANNEL_MULTIPLE <= u.channels]
     if fusion.fused_convs and narrow:
         report["warnings"].append(
-            f"{len(narrow)} pruned unit(s) keep fewer than {NARROW_INT8_CONV} channels (e.g. {narrow[0].producer}: "
+            f"{len(narrow)} pruned unit(s) keep fewer than {INT8_CHANNEL_MULTIPLE} channels (e.g. {narrow[0].producer}: "
             f"{narrow[0].kept}/{narrow[0].channels}): ORT's QLinearConv runs such convs no faster than with "
-            f"{NARROW_INT8_CONV}, so that pruning costs accuracy for no speed (--channel-multiple 16 avoids it)")
+            f"{INT8_CHANNEL_MULTIPLE}, so that pruning costs accuracy for no speed (--channel-multiple 16 avoids it)")
     return report

@@ -208,8 +208,11 @@ def sample_count(model: onnx.ModelProto, budget: float | None = None) -> int:
 
     ``budget`` replaces :data:`MAC_BUDGET`; the memory budget is :data:`ELEMENT_BUDGET`.
     """
-    budget = MAC_BUDGET if budget is None else budget
-    macs, elements = model_cost(model)
+    return _samples_within_budget(*model_cost(model), MAC_BUDGET if budget is None else budget)
+
+
+def _samples_within_budget(macs: float, elements: float, budget: float) -> int:
+    """:func:`sample_count` for a model of known cost per sample."""
     if not np.isfinite(macs) or macs <= 0 or not np.isfinite(elements):
         return 0
     n = int(min(MAX_SAMPLES, budget // macs, ELEMENT_BUDGET // max(elements, 1.0)))
@@ -327,10 +330,12 @@ def synthetic_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats], pla
     """
     if config.method != "udfc" or config.regression != "synthetic" or not any(up.drop for up in plan.units):
         return None
-    samples = sample_count(folded) if config.synthetic_samples is None else config.synthetic_samples
+    samples = config.synthetic_samples
+    if samples is None:
+        macs, elements = model_cost(folded)  # once: the fallback note quotes it
+        samples = _samples_within_budget(macs, elements, MAC_BUDGET)
     if samples <= 0:
         if notes is not None:
-            macs, elements = model_cost(folded)
             notes.append(f"synthetic activations: {macs / 1e9:.2f} GMAC and {elements / 1e6:.2f} M outputs per sample "
                          f"leave fewer than {MIN_SAMPLES} samples in the budgets ({MAC_BUDGET / 1e9:g} GMAC, "
                          f"{ELEMENT_BUDGET / 1e6:g} M elements); analytic moments used")
