@@ -9,10 +9,11 @@ Like onnxscript's rewrite rules, every candidate that is not rewritten gets its 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .graph import GraphView
 
@@ -42,7 +43,7 @@ def _rank(view: GraphView, tensor: str, value_info: dict[str, onnx.ValueInfoProt
     if prod.op_type in _RANK2_OPS:
         return 2
     if prod.op_type == "Reshape" and view.is_constant(prod.input[1]):
-        return int(numpy_helper.to_array(view.initializers[prod.input[1]]).size)
+        return int(math.prod(view.initializers[prod.input[1]].dims))
     if prod.op_type in ("Relu", "Clip", "Sigmoid", "LeakyRelu", "Dropout", "Identity"):
         return _rank(view, prod.input[0], value_info)
     return None

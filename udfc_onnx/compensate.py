@@ -431,7 +431,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
 def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Layer], stats: dict[str, BNStats],
                raw_filters: dict[str, np.ndarray], config: CompressConfig, *,
                overrides: Mapping | None = None, layer_inputs: Mapping[str, LayerInput] | None = None,
-               activation_moments: Mapping | None = None) -> Solution:
+               activation_moments: Mapping | None = None, consume: bool = False) -> Solution:
     """Apply the plan's compensation and quantization to the arrays.
 
     Parameters
@@ -439,7 +439,7 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
     plan : Plan
         Its units are replaced by the kept sets actually used (greedy selection may change them).
     arrays : dict of str to ndarray
-        BN-folded initializers of every Conv/Gemm weight and bias (not modified).
+        BN-folded initializers of every Conv/Gemm weight and bias (not modified unless ``consume``).
     layers : dict of str to Layer
         Every Conv/Gemm with constant weights, by node name.
     stats : dict of str to BNStats
@@ -456,13 +456,21 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
     activation_moments : mapping of str to ActivationMoments, optional
         ``regression="synthetic"``: empirical post-activation moments of each unit's channels by
         producer name (udfc_onnx.synthetic); a unit without them uses ``layer_inputs`` as "moments".
+    consume : bool, default=False
+        Solve in ``arrays`` itself: an array replaced by its pruned or compensated value is dropped
+        as soon as it is replaced, so a caller that holds no other reference to it gets its memory
+        back during the solve (ResNet-50: the old weights no longer stack on the new ones). On
+        return ``arrays`` holds the current value of every entry.
 
     Returns
     -------
     Solution
         ``arrays`` holds every changed initializer; ``quantized`` every weight to store as integers.
     """
-    work = dict(arrays)  # passes replace entries, never write into them: no copy of every weight needed
+    # passes replace entries, never write into them: no copy of every weight needed
+    work = _RecordingDict(arrays) if consume else dict(arrays)
+    if consume:
+        arrays.clear()  # the only references left to the old values are in ``work`` (until replaced)
     solution = Solution()
     if config.cross_layer_equalization:
         stats, layer_inputs = _equalize(plan, work, layers, stats, layer_inputs)
@@ -496,9 +504,28 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
             quantize_rest([name for name, last in last_touch.items() if last == i and name in layers])
     plan.units = solved
     quantize_rest(list(layers))
-    solution.arrays = {k: v for k, v in work.items()
-                       if v is not arrays[k] and (v.shape != arrays[k].shape or not np.array_equal(v, arrays[k]))}
+    if consume:
+        solution.arrays = {k: work[k] for k in work.replaced}
+        arrays.update(work)
+    else:
+        solution.arrays = {k: v for k, v in work.items()
+                           if v is not arrays[k] and (v.shape != arrays[k].shape or not np.array_equal(v, arrays[k]))}
     return solution
+
+
+class _RecordingDict(dict):
+    """A dict that remembers which existing keys were given a new value (``solve_plan(consume=True)``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replaced: set[str] = set()
+
+    def __setitem__(self, key, value):
+        if key in self and self[key] is not value:
+            self.replaced.add(key)
+        elif key not in self:
+            self.replaced.add(key)
+        super().__setitem__(key, value)
 
 
 # ---------------------------------------------------------------------------------------------

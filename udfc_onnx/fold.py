@@ -75,21 +75,24 @@ def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False,
         a = gamma / np.sqrt(var + float(attribute(bn, "epsilon", 1e-5)))
         weight = view.array(layer.input[1], copy=False)
         dtype = weight.dtype
-        folded = weight.astype(np.float64)  # scaled in place: fewer weight-sized temporaries on large models
         if layer.op_type == "Conv":
             out_channels = weight.shape[0]
-            folded *= a.reshape((-1,) + (1,) * (weight.ndim - 1))
+            scale = a.reshape((-1,) + (1,) * (weight.ndim - 1))
         else:
             trans_b = attribute(layer, "transB", 0)
             out_channels = weight.shape[0] if trans_b else weight.shape[1]
-            folded *= a[:, None] if trans_b else a[None, :]
+            scale = a[:, None] if trans_b else a[None, :]
+        # float64 product rounded once into the weight's type, buffered by NumPy: no weight-sized
+        # float64 temporary (large models)
+        folded = np.multiply(weight, scale, out=np.empty_like(weight), casting="same_kind")
+        del weight
         has_bias = len(layer.input) > 2 and layer.input[2]
         bias = view.array(layer.input[2]).astype(np.float64) if has_bias else np.zeros(out_channels)
         new_bias = a * (bias - mean) + beta
         if weights_out is None:
-            set_initializer(model, layer.input[1], folded.astype(dtype))
+            set_initializer(model, layer.input[1], folded)
         else:
-            weights_out[layer.input[1]] = folded.astype(dtype)
+            weights_out[layer.input[1]] = folded
         bias_name = layer.input[2] if has_bias else f"{layer.name}.folded_bias"
         set_initializer(model, bias_name, new_bias.astype(dtype))
         if not has_bias:

@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .lazy import is_lazy, tensor_array
+
 
 class GraphView:
     """Producer/consumer/initializer lookup for the main graph of a model.
@@ -42,8 +44,9 @@ class GraphView:
     def array(self, name: str, *, copy: bool = True) -> np.ndarray:
         """Return initializer ``name`` as a NumPy array (a copy; ``copy=False``: possibly read-only,
         one weight-sized allocation less for a caller that only reads it)."""
-        value = numpy_helper.to_array(self.initializers[name])
-        return value.copy() if copy else value
+        tensor = self.initializers[name]
+        value = tensor_array(tensor)
+        return value.copy() if copy and not is_lazy(tensor) else value  # a lazy read is a new array already
 
     def is_constant(self, name: str) -> bool:
         """True when ``name`` is an initializer and not overridable by a graph input."""

@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .activations import INPUT_DIST, Dist, uint8_params
 from .compensate import Layer
 from .graph import GraphView, attribute, remove_unused, set_initializer
+from .lazy import materialized
 from .quant import QuantizedTensor
 from .stats import BNStats
 
@@ -345,7 +346,7 @@ def calibrate_ranges(model: onnx.ModelProto, inputs: np.ndarray, tensors: Iterab
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(materialized(probe).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     del probe
     input_name = sess.get_inputs()[0].name
     lo = {n: math.inf for n in names}

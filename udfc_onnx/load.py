@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper
 
 from .errors import InvalidModelError, UnsupportedModelError, first_line
+from .lazy import is_lazy, materialize, read_lazy, tensor_array
 
 __all__ = ["LoadedModel", "read_model", "load_model", "check_supported", "check_channels", "check_finite", "shape_skeleton", "default_opset", "MIN_OPSET",
            "QUANTIZED_OPS", "PROTOBUF_LIMIT"]
@@ -38,7 +39,8 @@ class LoadedModel:
     Attributes
     ----------
     model : onnx.ModelProto
-        With every weight in memory (external data read in).
+        External data read in; initializers of 64 KB and more may be lazy (still in the file:
+        udfc_onnx.lazy, read with ``tensor_array``, written back with ``materialize``).
     path : Path
     external_data : bool
         Some tensor was stored in an external data file.
@@ -64,7 +66,7 @@ def _external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
     """External data files the model's tensors point to (unique, in order of first use)."""
     files: list[Path] = []
     for tensor in external_data_helper._get_all_tensors(model):
-        if external_data_helper.uses_external_data(tensor):
+        if external_data_helper.uses_external_data(tensor) and not is_lazy(tensor):
             info = external_data_helper.ExternalDataInfo(tensor)
             f = base / info.location
             if f not in files:
@@ -184,7 +186,7 @@ def check_finite(model: onnx.ModelProto, where: str = "model") -> None:
                                                                 onnx.TensorProto.FLOAT16):
                 continue
             seen.add(name)
-            values = numpy_helper.to_array(t)
+            values = tensor_array(t)
             if not np.all(np.isfinite(values)):
                 raise InvalidModelError(f"{where}: weight {name} of {node.op_type} {node.name or node.output[0]} "
                                         "has NaN or Inf values")
@@ -228,15 +230,24 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         checker_error = first_line(exc)
     try:
         with open(p, "rb") as f:  # read first: a permission problem is not a decode problem
-            data = f.read()
+            f.read(1)
+        # Large weights stay in the file until a pass needs one (udfc_onnx.lazy): the parsed
+        # model is a fraction of the file, and no bytes copy of the whole file is made.
+        model = read_lazy(p) if checker_error is None else None
+        data = None
+        if model is None or any(t.data_location == onnx.TensorProto.EXTERNAL and not is_lazy(t)
+                                for t in model.graph.initializer):
+            with open(p, "rb") as f:
+                data = f.read()
     except OSError as exc:
         raise InvalidModelError(f"{p}: cannot read ({exc.strerror or first_line(exc)})") from None
-    try:
-        model = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf DecodeError and friends
-        detail = first_line(exc).replace("Error parsing message with type 'onnx.ModelProto': ", "")
-        raise InvalidModelError(f"{p}: not a readable ONNX model (protobuf decode failed: {detail})") from None
-    del data
+    if data is not None:
+        try:
+            model = onnx.load_model_from_string(data)
+        except Exception as exc:  # protobuf DecodeError and friends
+            detail = first_line(exc).replace("Error parsing message with type 'onnx.ModelProto': ", "")
+            raise InvalidModelError(f"{p}: not a readable ONNX model (protobuf decode failed: {detail})") from None
+        del data
     if not model.HasField("graph") or not model.graph.node or not model.opset_import:
         raise InvalidModelError(f"{p}: not an ONNX model (no graph, nodes or opset; truncated or not a model file)")
     try:
@@ -261,8 +272,8 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read and check ``path`` (see :func:`read_model`); return the model only."""
-    return read_model(path).model
+    """Read and check ``path`` (see :func:`read_model`); return the model only, every weight in it."""
+    return materialize(read_model(path).model)
 
 
 def check_supported(model: onnx.ModelProto, where: str = "model") -> None:

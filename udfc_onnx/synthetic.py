@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import GraphView, attribute
+from .lazy import materialized
 from .stats import BNStats
 
 __all__ = ["ActivationMoments", "PairedMoments", "SequentialSampler", "bn_matched_model", "model_cost", "model_macs",
@@ -287,7 +288,7 @@ def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(materialized(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = sorted(set(wanted.values()))
     outputs = dict(zip(names, session.run(names, _input_feed(model, samples, seed))))
     result = {}
@@ -382,7 +383,7 @@ def _session(model: onnx.ModelProto):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(materialized(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 class SequentialSampler:

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InvalidConfigError, UnsupportedModelError, first_line
+from .lazy import materialized
 
 __all__ = ["ValidationResult", "Reference", "run_reference", "parse_input_shapes", "resolve_input_shapes", "input_shapes", "random_inputs",
            "run_model", "session", "validate_file", "count_fused_convs", "MAX_FEED_ELEMENTS"]
@@ -183,7 +184,7 @@ def random_inputs(model: onnx.ModelProto, rng: np.random.Generator, **kwargs) ->
 
 def session(model_or_path, providers=("CPUExecutionProvider",), **options) -> ort.InferenceSession:
     """ORT session from a path or a ModelProto, with default graph optimisation."""
-    src = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
+    src = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else materialized(model_or_path).SerializeToString()
     opts = ort.SessionOptions()
     opts.log_severity_level = _ORT_LOG_LEVEL
     for key, value in options.items():

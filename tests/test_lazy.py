@@ -1,0 +1,99 @@
+"""Weights left in the input file (udfc_onnx.lazy): same values as onnx.load, never written or run lazily."""
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.graphs import conv_chain
+from udfc_onnx import CompressConfig
+from udfc_onnx.graph import GraphView
+from udfc_onnx.lazy import LAZY_KEY, has_lazy, is_lazy, materialize, materialized, read_lazy, tensor_array
+from udfc_onnx.load import load_model, read_model
+from udfc_onnx.pipeline import FileOptions, compress_file
+from udfc_onnx.validate import run_model, session
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    # conv1 (96 x 64 x 3 x 3, 221 KB) is above the 64 KB threshold; every other tensor is below
+    path = tmp_path / "chain.onnx"
+    onnx.save(conv_chain((3, 64, 96, 10), spatial=8), str(path))
+    return path
+
+
+def test_lazy_model_equals_onnx_load(model_path):
+    lazy = read_lazy(model_path)
+    plain = onnx.load(str(model_path))
+    big = [t.name for t in lazy.graph.initializer if is_lazy(t)]
+    assert big == ["conv1.weight"]
+    assert lazy.ByteSize() < plain.ByteSize() / 4
+    for a, b in zip(lazy.graph.initializer, plain.graph.initializer):
+        np.testing.assert_array_equal(tensor_array(a), onnx.numpy_helper.to_array(b))
+    assert materialized(lazy) == plain  # field for field, as onnx.load parses the file
+    assert has_lazy(lazy)  # materialized() copied
+
+
+def test_every_raw_tensor_can_be_lazy_and_reads_are_new_writable_arrays(model_path):
+    lazy = read_lazy(model_path, min_bytes=1)
+    plain = onnx.load(str(model_path))
+    raw = [t.name for t in plain.graph.initializer if t.HasField("raw_data")]
+    assert [t.name for t in lazy.graph.initializer if is_lazy(t)] == raw
+    view = GraphView(lazy)
+    a, b = view.array("conv1.weight"), view.array("conv1.weight", copy=False)
+    assert a.flags.writeable and b.flags.writeable and a is not b
+    a[...] = 0  # the file is not touched
+    np.testing.assert_array_equal(view.array("conv1.weight"), onnx.numpy_helper.to_array(
+        next(t for t in plain.graph.initializer if t.name == "conv1.weight")))
+
+
+def test_sessions_get_a_materialized_copy(model_path):
+    lazy = read_lazy(model_path)
+    x = {"input": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(session(lazy), x)[0], run_model(session(str(model_path)), x)[0], rtol=1e-6)
+    assert has_lazy(lazy)  # the session's copy was materialized, not the model
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty_graph_twice"])
+def test_files_the_walk_does_not_handle_give_none(model_path, tmp_path, damage):
+    data = model_path.read_bytes()
+    bad = tmp_path / "bad.onnx"
+    if damage == "truncate":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(b"\xff" * 1000)
+    else:  # a second graph field: protobuf would merge the two, the walk refuses
+        bad.write_bytes(data + b"\x3a\x00")
+    assert read_lazy(bad) is None
+
+
+def test_read_model_is_lazy_and_load_model_is_not(model_path):
+    loaded = read_model(model_path)
+    assert has_lazy(loaded.model)
+    assert not has_lazy(load_model(model_path))
+    assert load_model(model_path) == onnx.load(str(model_path))
+
+
+@pytest.mark.parametrize("settings", [dict(prune_ratio=0.0, weight_bits=None), dict(prune_ratio=0.3, weight_bits=8)])
+def test_outputs_hold_every_weight_and_the_input_is_untouched(tmp_path, settings):
+    # without BN and with nothing to change, the weights stay lazy until the output is written
+    model_path = tmp_path / "chain.onnx"
+    onnx.save(conv_chain((3, 64, 96, 10), spatial=8, bn=settings["weight_bits"] is not None), str(model_path))
+    before = model_path.read_bytes()
+    out = tmp_path / "out.onnx"
+    compress_file(model_path, out, CompressConfig(**settings), options=FileOptions(check_n=2))
+    written = onnx.load(str(out))
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer)
+    assert not any(e.key == LAZY_KEY for t in written.graph.initializer for e in t.external_data)
+    assert model_path.read_bytes() == before
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".data")] == []
+    if settings["weight_bits"] is None:  # nothing changed: the weights were written from the file
+        ref = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(model_path)).graph.initializer}
+        w = next(t for t in written.graph.initializer if t.name == "conv1.weight")
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(w), ref["conv1.weight"])
+
+
+def test_materialize_in_place(model_path):
+    lazy = read_lazy(model_path)
+    assert materialize(lazy) is lazy and not has_lazy(lazy)
+    assert lazy == onnx.load(str(model_path))
