@@ -73,19 +73,18 @@ def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False,
         layer = view.producer[bn.input[0]]
         gamma, beta, mean, var = (view.array(n).astype(np.float64) for n in bn.input[1:5])
         a = gamma / np.sqrt(var + float(attribute(bn, "epsilon", 1e-5)))
-        weight = view.array(layer.input[1], copy=False)
-        dtype = weight.dtype
+        folded = view.array(layer.input[1])  # private (a new array read from the file, or a copy)
+        dtype = folded.dtype
         if layer.op_type == "Conv":
-            out_channels = weight.shape[0]
-            scale = a.reshape((-1,) + (1,) * (weight.ndim - 1))
+            out_channels = folded.shape[0]
+            scale = a.reshape((-1,) + (1,) * (folded.ndim - 1))
         else:
             trans_b = attribute(layer, "transB", 0)
-            out_channels = weight.shape[0] if trans_b else weight.shape[1]
+            out_channels = folded.shape[0] if trans_b else folded.shape[1]
             scale = a[:, None] if trans_b else a[None, :]
-        # float64 product rounded once into the weight's type, buffered by NumPy: no weight-sized
-        # float64 temporary (large models)
-        folded = np.multiply(weight, scale, out=np.empty_like(weight), casting="same_kind")
-        del weight
+        # in place, in the weight's own type: no weight-sized temporary (a float64 product took
+        # twice the memory, or 3x the time when buffered)
+        folded *= scale.astype(dtype)
         has_bias = len(layer.input) > 2 and layer.input[2]
         bias = view.array(layer.input[2]).astype(np.float64) if has_bias else np.zeros(out_channels)
         new_bias = a * (bias - mean) + beta
