@@ -170,3 +170,34 @@ def test_report_records_peak_memory_per_pass(tmp_path):
     assert list(peaks) == list(report.timings)
     values = list(peaks.values())
     assert all(v > 0 for v in values) and values[-1] >= values[0] - 1.0  # a peak so far only grows (+- counter lag)
+
+
+@pytest.mark.parametrize("settings", [dict(prune_ratio=0.3, weight_bits=8), dict(prune_ratio=0.5, weight_bits=None),
+                                      dict(prune_ratio=0.3, weight_bits=4, method="nm")])
+def test_solve_in_the_callers_dict_equals_a_solve_on_a_copy(settings):
+    """solve_plan(consume=True) frees old weights as it goes and ends with the same current values."""
+    from udfc_onnx import CompressConfig
+    from udfc_onnx.compensate import solve_plan
+    from udfc_onnx.pipeline import analyze, collect_layers
+
+    config = CompressConfig(regression="moments", **settings)
+    folded, stats, raw, plan, _ = analyze(conv_chain(seed=8, spatial=8), config)
+    layers = collect_layers(folded)
+    view = GraphView(folded)
+    arrays = {}
+    for layer in layers.values():
+        arrays[layer.weight] = view.array(layer.weight)
+        if layer.bias in view.initializers:
+            arrays[layer.bias] = view.array(layer.bias)
+    plain = solve_plan(plan, dict(arrays), layers, stats, raw, config)
+    original = {k: v.copy() for k, v in arrays.items()}
+    _, _, _, plan2, _ = analyze(conv_chain(seed=8, spatial=8), config)
+    owned = dict(arrays)
+    consumed = solve_plan(plan2, owned, layers, stats, raw, config, consume=True)
+    assert set(plain.arrays) <= set(consumed.arrays)  # every change is recorded (an unchanged rewrite may be too)
+    for name, value in owned.items():
+        expected = plain.arrays.get(name, original[name])
+        np.testing.assert_array_equal(value, expected)
+    assert set(consumed.quantized) == set(plain.quantized)
+    for name, qt in consumed.quantized.items():
+        np.testing.assert_array_equal(qt.q, plain.quantized[name].q)
