@@ -97,3 +97,14 @@ def test_materialize_in_place(model_path):
     lazy = read_lazy(model_path)
     assert materialize(lazy) is lazy and not has_lazy(lazy)
     assert lazy == onnx.load(str(model_path))
+
+
+def test_a_changed_input_is_refused_not_mixed(model_path):
+    from udfc_onnx.errors import InvalidModelError
+
+    lazy = read_lazy(model_path)
+    t = next(t for t in lazy.graph.initializer if is_lazy(t))
+    tensor_array(t)
+    onnx.save(conv_chain((3, 64, 96, 10), spatial=8, seed=5), str(model_path))  # overwritten mid-run
+    with pytest.raises(InvalidModelError, match="changed while it was being compressed"):
+        tensor_array(t)

@@ -24,11 +24,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .errors import InvalidModelError
+
 __all__ = ["LAZY_KEY", "LAZY_MIN_BYTES", "read_lazy", "is_lazy", "has_lazy", "lazy_bytes", "tensor_array",
            "materialize", "materialized"]
 
 #: external_data key that marks a lazy tensor; its value is the absolute path of the file.
 LAZY_KEY = "udfc_onnx.lazy_source"
+# Size and modification time of the file when it was parsed: a read from a file that changed since
+# (overwritten while the run goes on) is refused instead of mixing two models.
+_STAMP_KEY = "udfc_onnx.lazy_stamp"
 #: Initializers with at least this many bytes of raw data stay in the file (smaller ones are
 #: parsed: BN statistics, biases and shape constants are read all the time and cost nothing).
 LAZY_MIN_BYTES = 1 << 16
@@ -130,7 +135,8 @@ def read_lazy(path: str | os.PathLike, min_bytes: int | None = None) -> onnx.Mod
     threshold = LAZY_MIN_BYTES if min_bytes is None else min_bytes
     p = Path(path).resolve()
     with open(p, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        stat = os.fstat(f.fileno())
+        size = stat.st_size
         if size == 0:
             return None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -152,7 +158,8 @@ def read_lazy(path: str | os.PathLike, min_bytes: int | None = None) -> onnx.Mod
         if t.data_type not in _PLAIN_TYPES or count * _itemsize(t.data_type) != length:
             return None  # size or type checks are load's job: let the plain parse report them
         t.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", p.name), ("offset", str(offset)), ("length", str(length)), (LAZY_KEY, source)):
+        for key, value in (("location", p.name), ("offset", str(offset)), ("length", str(length)), (LAZY_KEY, source),
+                           (_STAMP_KEY, _stamp(stat))):
             t.external_data.add(key=key, value=value)
     return model
 
@@ -205,14 +212,25 @@ def lazy_bytes(t: onnx.TensorProto) -> int:
     return int(next(e.value for e in t.external_data if e.key == "length"))
 
 
+def _stamp(stat: os.stat_result) -> str:
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _read(t: onnx.TensorProto) -> np.ndarray:
     info = {e.key: e.value for e in t.external_data}
+    path = info[LAZY_KEY]
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
     length = int(info["length"])
-    # Read straight into the array: no bytes object, no mapping of the file kept resident.
-    values = np.fromfile(info[LAZY_KEY], dtype=dtype, count=length // dtype.itemsize, offset=int(info["offset"]))
+    try:
+        with open(path, "rb") as f:
+            if _stamp(os.fstat(f.fileno())) != info.get(_STAMP_KEY):
+                raise InvalidModelError(f"{path}: the input changed while it was being compressed")
+            # Straight into the array: no bytes object, no mapping of the file kept resident.
+            values = np.fromfile(f, dtype=dtype, count=length // dtype.itemsize, offset=int(info["offset"]))
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read weight {t.name} ({exc.strerror or exc})") from None
     if values.nbytes != length:
-        raise OSError(f"{info[LAZY_KEY]}: weight {t.name} is truncated (the file changed while it was read)")
+        raise InvalidModelError(f"{path}: the input changed while it was being compressed (weight {t.name} is cut short)")
     return values.reshape(tuple(t.dims))
 
 
