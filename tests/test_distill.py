@@ -170,3 +170,15 @@ def test_distilled_option_runs_the_synthetic_fit(renorm):
 def test_config_validates_distill_fields(field, value):
     with pytest.raises(InvalidConfigError, match=field):
         CompressConfig(**{field: value})
+
+
+def test_cli_flags_set_the_distill_fields():
+    from udfc_onnx.cli import _single_parser, config_from_args
+
+    args = _single_parser().parse_args(["in.onnx", "out.onnx", "--synthetic-inputs", "distilled", "--no-synthetic-renorm",
+                                        "--distill-iterations", "7", "--distill-batch", "64", "--distill-lr", "0.3"])
+    cfg = config_from_args(args)
+    assert (cfg.synthetic_inputs, cfg.synthetic_renorm, cfg.distill_iterations, cfg.distill_batch, cfg.distill_lr) == (
+        "distilled", False, 7, 64, 0.3)
+    defaults = config_from_args(_single_parser().parse_args(["in.onnx", "out.onnx"]))
+    assert (defaults.synthetic_inputs, defaults.synthetic_renorm) == ("noise", True)

@@ -16,6 +16,10 @@ like the oracle uses real activations: post-activation regression plus a constan
 of the original network) or sequentially (:class:`SequentialSampler`: every original channel on the
 kept channels of the network as compressed so far, the default).
 
+With ``synthetic_inputs="distilled"`` the noise is first optimised ZeroQ-style (udfc_onnx.distill)
+so that the original network's BN layers see their running statistics without renormalisation;
+``synthetic_renorm=False`` then runs those images through the folded graph as it is.
+
 The cost is about two ORT passes of ``samples`` images and one float32 per layer output element and
 sample; :func:`sample_count` picks the count from a MAC and a memory budget and returns 0 (use the
 analytic moments, udfc_onnx.moment_graph) when the model is too big for useful samples.
@@ -330,7 +334,8 @@ def synthetic_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats], pla
     whose slicing the sampler does not follow). None when the run does not use them, the model
     is too big for the sample budget (``config.synthetic_samples`` None: :func:`sample_count`),
     or ONNX Runtime cannot run the BN-matched graph; every unit then uses the analytic moments.
-    The reason goes to ``notes``. ``weights`` holds the values of initializers that ``folded``
+    The reason goes to ``notes``. ``config.synthetic_inputs="distilled"`` replaces the noise by
+    distilled images (a graph the distillation cannot differentiate keeps the noise, with a note). ``weights`` holds the values of initializers that ``folded``
     does not (the pipeline keeps folded weights in NumPy, not in the protobuf); they are written
     into a copy only once the budget allows sampling, so big models never pay for that copy.
     """
