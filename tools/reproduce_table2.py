@@ -111,9 +111,12 @@ class Context:
         """Compress with the base settings plus ``changes`` and evaluate."""
         cfg = self.config(**changes)
         start = time.perf_counter()
-        acc = self.evaluate(compress_model(self.model, cfg).model)
+        compressed = compress_model(self.model, cfg).model
+        compress_s = time.perf_counter() - start
+        acc = self.evaluate(compressed)
         brief = {k: v for k, v in changes.items()}
-        print(f"  {self.path.stem} {brief}: {acc:.2f} [{time.perf_counter() - start:.0f}s]", file=sys.stderr, flush=True)
+        print(f"  {self.path.stem} {brief}: {acc:.2f} [compress {compress_s:.1f}s, total {time.perf_counter() - start:.0f}s]",
+              file=sys.stderr, flush=True)
         return acc
 
     def cell(self, acc: float) -> str:
@@ -165,6 +168,37 @@ def table2(ctx: Context, methods, ratios, criteria, bits_list) -> str:
             row += [ctx.cell(results[method, ratio, b, c]) for b in bits_list for c in criteria]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- distilled inputs
+
+def memoize_distillation() -> None:
+    """Reuse distilled inputs across cells of one process.
+
+    They depend on the folded model and the distillation settings only, not on the ratio, the
+    criterion or the bits, and cost most of a distilled cell's time; a cell that reuses them
+    prints a note, and its compress time leaves the distillation out.
+    """
+    import hashlib as _hashlib
+
+    from udfc_onnx import synthetic
+
+    compute = synthetic.distill_inputs
+    cache = {}
+
+    def cached(folded, stats, samples, **kwargs):
+        key = (_hashlib.sha1(folded.SerializeToString()).hexdigest(), samples, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            start = time.perf_counter()
+            cache[key] = compute(folded, stats, samples, **kwargs)
+            result = cache[key]
+            print(f"  distilled {samples} images {kwargs}: loss {result.loss_start:.3g} -> {result.loss_end:.3g} "
+                  f"[{time.perf_counter() - start:.1f}s]", file=sys.stderr, flush=True)
+        else:
+            print(f"  distilled inputs reused {kwargs}", file=sys.stderr, flush=True)
+        return cache[key]
+
+    synthetic.distill_inputs = cached
 
 
 # ----------------------------------------------------------------------------------------- ablations
@@ -323,6 +357,22 @@ def ablation_synthetic(ctx, args):
                  "gamma/beta over the batch (udfc_onnx/synthetic.py); samples from the MAC budget unless given.")
 
 
+def ablation_distill(ctx, args):
+    """Noise vs ZeroQ-distilled synthetic inputs, with and without the BN renormalisation (L1, 4-bit)."""
+    rows = [("noise, BN-renormalised (= defaults)", dict(synthetic_inputs="noise"))]
+    for iterations in args.distill_iterations:
+        rows += [(f"distilled {iterations} steps, BN-renormalised", dict(synthetic_inputs="distilled",
+                                                                         distill_iterations=iterations)),
+                 (f"distilled {iterations} steps, plain folded graph", dict(synthetic_inputs="distilled",
+                                                                            distill_iterations=iterations,
+                                                                            synthetic_renorm=False))]
+    rows.append(("noise, plain folded graph", dict(synthetic_inputs="noise", synthetic_renorm=False)))
+    cols = _ratio_cols(args.ratios, "4")
+    return _grid(ctx, "Synthetic inputs: Gaussian noise vs ZeroQ-distilled images (udfc_onnx/distill.py)", rows, cols,
+                 "Distilled: Adam on the input images until every BN's batch mean and deviation of its "
+                 "pre-activations match its running statistics; the same images serve every cell.")
+
+
 def ablation_mean_weight(ctx, args):
     rows = [(f"mean_weight {w:g}", dict(mean_weight=w, regression="moments")) for w in (1.0, 2.0, 4.0, 16.0)]
     return _grid(ctx, "Weight of the means in the moment regression [EXT] (1 = exact second moment)", rows,
@@ -437,6 +487,7 @@ ABLATIONS = {
     "selection": ablation_selection,
     "mean-weight": ablation_mean_weight,
     "synthetic": ablation_synthetic,
+    "distill": ablation_distill,
     "oracle": ablation_oracle,
 }
 
@@ -498,6 +549,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", nargs="+", default=None, metavar="NAME", help="ablation tables to run ('list', 'all')")
     p.add_argument("--bits-range", nargs="+", type=int, default=[2, 3, 4, 5, 6, 8], help="bits of --ablation bits")
     p.add_argument("--oracle-images", type=int, default=1000, help="images --ablation oracle fits on (the last ones)")
+    p.add_argument("--distill-iterations", nargs="+", type=int, default=[50],
+                   help="Adam steps of --ablation distill")
     p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs pruning ratio")
     p.add_argument("--plot-ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     p.add_argument("--plot-criterion", choices=["l1", "l2"], default="l1")
@@ -519,6 +572,7 @@ def main(argv=None) -> int:
     base = dict(PRESETS[args.preset]) if args.preset else {}
     base.update({k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
     CompressConfig(**base)  # fail early on a bad --set
+    memoize_distillation()
     out = []
     for path in paths:
         model = onnx.load(str(path))

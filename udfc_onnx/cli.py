@@ -149,6 +149,18 @@ def _add_accuracy(g, d: CompressConfig) -> None:
     g.add_argument("--synthetic-samples", dest="synthetic_samples", type=int, default=None,
                    help="synthetic images (default: from a MAC budget, 256 for a CIFAR ResNet-56)")
     g.add_argument("--seed", type=int, default=None, help=f"seed of the synthetic noise (default: {d.seed})")
+    g.add_argument("--synthetic-inputs", dest="synthetic_inputs", choices=["noise", "distilled"], default=None,
+                   help="images of the synthetic activations: Gaussian noise, or noise optimised (ZeroQ) until each "
+                        f"BN's batch statistics match its running ones (slower) (default: {d.synthetic_inputs})")
+    g.add_argument("--no-synthetic-renorm", dest="synthetic_renorm", action="store_const", const=False, default=None,
+                   help="run the synthetic inputs through the folded graph as it is, without renormalising each BN "
+                        "over the batch (default: renormalise)")
+    g.add_argument("--distill-iterations", dest="distill_iterations", type=int, default=None, metavar="N",
+                   help=f"Adam steps of the distilled inputs (default: {d.distill_iterations})")
+    g.add_argument("--distill-batch", dest="distill_batch", type=int, default=None, metavar="N",
+                   help="images whose BN statistics are matched together (default: all synthetic samples)")
+    g.add_argument("--distill-lr", dest="distill_lr", type=float, default=None,
+                   help=f"Adam step size of the distilled inputs (default: {d.distill_lr})")
     g.add_argument("--selection", choices=["greedy", "norm"], default=None,
                    help="UDFC kept channels: least compensated error, or top --criterion norms as in the paper "
                         "(default: norm for the sequential synthetic fit, greedy for the others)")

@@ -14,6 +14,7 @@ QUANT_COMP = ("own", "next", "none")
 REGRESSIONS = ("synthetic", "moments", "euclidean")
 SELECTIONS = ("greedy", "norm")
 SYNTHETIC_FITS = ("sequential", "layer")
+SYNTHETIC_INPUTS = ("noise", "distilled")
 BIAS_UNITS = ("e", "b")
 GRANULARITIES = ("channel", "tensor")
 # Below this width the symmetric grid loses too much (tools/reproduce_table2.py --ablation bits: on
@@ -82,6 +83,21 @@ class CompressConfig:
         Synthetic images; None picks them from a MAC budget (udfc_onnx.synthetic.sample_count).
     seed : int, default=0
         Seed of the synthetic noise.
+    synthetic_inputs : {"noise", "distilled"}, default="noise"
+        Images the synthetic activations start from: standard normal noise, or that noise
+        optimised ZeroQ-style until every BN's pre-activation batch mean and deviation match its
+        running statistics (udfc_onnx.distill; Adam on the images, gradients from an ONNX reverse
+        graph run by ORT). A graph the distillation cannot differentiate keeps the noise.
+    synthetic_renorm : bool, default=True
+        Renormalise every folded BN's output over the synthetic batch to its beta/|gamma|
+        (udfc_onnx.synthetic.bn_matched_model); False runs the folded graph as it is, which only
+        makes sense with distilled inputs.
+    distill_iterations : int, default=50
+        Adam steps of the distillation (per chunk of ``distill_batch`` images).
+    distill_batch : int or None, default=None
+        Images whose BN statistics are matched together; None: all ``synthetic_samples`` at once.
+    distill_lr : float, default=0.2
+        Adam step size of the distillation (the images start standard normal).
     selection : {"greedy", "norm"} or None, default=None
         UDFC only: keep the channels whose removal leaves the least compensated error at the
         consumer [EXT], or the top norms by ``criterion`` (the paper; prune/nm always use norms).
@@ -128,6 +144,11 @@ class CompressConfig:
     synthetic_fit: str = "sequential"
     synthetic_samples: int | None = None
     seed: int = 0
+    synthetic_inputs: str = "noise"
+    synthetic_renorm: bool = True
+    distill_iterations: int = 50
+    distill_batch: int | None = None
+    distill_lr: float = 0.2
     selection: str | None = None
     bias_correction: bool | None = None
     bias_units: str = "e"
@@ -152,6 +173,21 @@ class CompressConfig:
     calibration: str | None = None
     calibration_norm: str | None = None
     int4_storage: bool = False
+
+    def _check_distill_fields(self):
+        if self.synthetic_inputs not in SYNTHETIC_INPUTS:
+            raise InvalidConfigError(f"synthetic_inputs must be one of {SYNTHETIC_INPUTS}, got {self.synthetic_inputs!r}")
+        if not isinstance(self.synthetic_renorm, bool):
+            raise InvalidConfigError(f"synthetic_renorm must be true or false, got {self.synthetic_renorm!r}")
+        n = self.distill_iterations
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidConfigError(f"distill_iterations must be an integer >= 0, got {n!r}")
+        n = self.distill_batch
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise InvalidConfigError(f"distill_batch must be an integer >= 1 (or None for all samples), got {n!r}")
+        lr = self.distill_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise InvalidConfigError(f"distill_lr must be a finite number > 0, got {lr!r}")
 
     def _check_int8_fields(self):
         if self.activations not in ("float", "uint8"):
@@ -184,6 +220,7 @@ class CompressConfig:
             raise InvalidConfigError(f"synthetic_samples must be an integer >= 1 (or None for auto), got {n!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InvalidConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        self._check_distill_fields()
         for name in ("alpha1", "alpha2", "ridge", "mean_weight"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v) or v < 0:

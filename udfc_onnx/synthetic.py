@@ -16,6 +16,10 @@ like the oracle uses real activations: post-activation regression plus a constan
 of the original network) or sequentially (:class:`SequentialSampler`: every original channel on the
 kept channels of the network as compressed so far, the default).
 
+With ``synthetic_inputs="distilled"`` the noise is first optimised ZeroQ-style (udfc_onnx.distill)
+so that the original network's BN layers see their running statistics without renormalisation;
+``synthetic_renorm=False`` then runs those images through the folded graph as it is.
+
 The cost is about two ORT passes of ``samples`` images and one float32 per layer output element and
 sample; :func:`sample_count` picks the count from a MAC and a memory budget and returns 0 (use the
 analytic moments, udfc_onnx.moment_graph) when the model is too big for useful samples.
@@ -23,6 +27,7 @@ This module runs graphs; the solver it feeds stays pure NumPy and only sees the 
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -30,6 +35,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .distill import distill_inputs, noise_inputs
 from .graph import GraphView, attribute
 from .lazy import materialized
 from .stats import BNStats
@@ -236,20 +242,13 @@ def _activation_tensor(view: GraphView, consumer) -> str | None:
 
 
 def _input_feed(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
-    init = {t.name for t in model.graph.initializer}
-    feed = {}
-    rng = np.random.default_rng(seed)
-    for inp in model.graph.input:
-        if inp.name in init:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in inp.type.tensor_type.shape.dim]
-        dims[0] = samples
-        feed[inp.name] = rng.standard_normal(dims).astype(np.float32)
-    return feed
+    """Standard normal noise (samples, ...) for every graph input (udfc_onnx.distill.noise_inputs)."""
+    return noise_inputs(model, samples, seed)
 
 
 def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats], units: Iterable,
-                           samples: int, *, seed: int = 0) -> dict[str, ActivationMoments]:
+                           samples: int, *, seed: int = 0, inputs: Mapping[str, np.ndarray] | None = None,
+                           renormalise: bool = True) -> dict[str, ActivationMoments]:
     """Empirical moments of each simple unit's channels under BN-matched synthetic inputs.
 
     Parameters
@@ -262,6 +261,10 @@ def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats]
     samples : int
         Synthetic images (standard normal noise shaped like each input).
     seed : int, default=0
+    inputs : mapping of str to ndarray, optional
+        Images to use instead of the noise (udfc_onnx.distill), each (samples, ...).
+    renormalise : bool, default=True
+        Run the BN-matched graph (:func:`bn_matched_model`); False: the folded graph as it is.
 
     Returns
     -------
@@ -281,7 +284,7 @@ def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats]
             wanted[unit.producer] = tensor
     if not wanted or samples <= 0:
         return {}
-    model = bn_matched_model(folded, stats)
+    model = bn_matched_model(folded, stats) if renormalise else _copy(folded)
     present = {o.name for o in model.graph.output}
     for tensor in sorted(set(wanted.values()) - present):
         model.graph.output.append(helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
@@ -290,7 +293,8 @@ def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats]
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(materialized(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = sorted(set(wanted.values()))
-    outputs = dict(zip(names, session.run(names, _input_feed(model, samples, seed))))
+    feed = dict(inputs) if inputs is not None else _input_feed(model, samples, seed)
+    outputs = dict(zip(names, session.run(names, feed)))
     result = {}
     for producer, tensor in wanted.items():
         value = outputs[tensor]
@@ -301,6 +305,12 @@ def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats]
         centred = rows - mean
         result[producer] = ActivationMoments(mean, centred.T @ centred / len(rows), len(rows))
     return result
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def with_values(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -325,7 +335,8 @@ def synthetic_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats], pla
     whose slicing the sampler does not follow). None when the run does not use them, the model
     is too big for the sample budget (``config.synthetic_samples`` None: :func:`sample_count`),
     or ONNX Runtime cannot run the BN-matched graph; every unit then uses the analytic moments.
-    The reason goes to ``notes``. ``weights`` holds the values of initializers that ``folded``
+    The reason goes to ``notes``. ``config.synthetic_inputs="distilled"`` replaces the noise by
+    distilled images (a graph the distillation cannot differentiate keeps the noise, with a note). ``weights`` holds the values of initializers that ``folded``
     does not (the pipeline keeps folded weights in NumPy, not in the protobuf); they are written
     into a copy only once the budget allows sampling, so big models never pay for that copy.
     """
@@ -343,14 +354,41 @@ def synthetic_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats], pla
         return None
     units = [up.unit for up in plan.units]
     folded = with_values(folded, weights or {})
+    inputs = _synthetic_inputs(folded, stats, samples, config, notes)
+    renormalise = config.synthetic_renorm
     try:
         if config.synthetic_fit == "sequential" and all(u.is_simple for u in units):
-            return SequentialSampler(folded, stats, layers, units, samples, seed=config.seed)
-        return synthetic_unit_moments(folded, stats, units, samples, seed=config.seed)
+            return SequentialSampler(folded, stats, layers, units, samples, seed=config.seed, inputs=inputs,
+                                     renormalise=renormalise)
+        return synthetic_unit_moments(folded, stats, units, samples, seed=config.seed, inputs=inputs,
+                                      renormalise=renormalise)
     except Exception as exc:  # an op or input ORT cannot run on noise: fall back rather than fail the run
         if notes is not None:
             notes.append(f"synthetic activations unavailable ({type(exc).__name__}: {str(exc)[:200]}); analytic moments used")
         return None
+
+
+def _synthetic_inputs(folded: onnx.ModelProto, stats: Mapping[str, BNStats], samples: int, config,
+                      notes: list[str] | None) -> dict[str, np.ndarray] | None:
+    """Distilled images when ``config.synthetic_inputs`` asks for them, else None (the noise).
+
+    A graph the distillation cannot differentiate, or any failure of it, keeps the noise and says so.
+    """
+    if config.synthetic_inputs != "distilled":
+        return None
+    start = time.perf_counter()
+    try:
+        result = distill_inputs(folded, stats, samples, iterations=config.distill_iterations,
+                                batch=config.distill_batch, lr=config.distill_lr, seed=config.seed)
+    except Exception as exc:  # unsupported op, ORT failure: the noise still works
+        if notes is not None:
+            notes.append(f"distilled inputs unavailable ({type(exc).__name__}: {str(exc)[:200]}); Gaussian noise used")
+        return None
+    if notes is not None:
+        notes.append(f"distilled inputs: {samples} images, {result.iterations} Adam steps in {result.chunks} chunk(s), "
+                     f"BN-statistic loss {result.loss_start:.3g} -> {result.loss_end:.3g} "
+                     f"({time.perf_counter() - start:.1f} s)")
+    return result.inputs
 
 
 @dataclass(frozen=True)
@@ -414,10 +452,15 @@ class SequentialSampler:
         Simple units whose single consumer is a Conv get moments.
     samples : int
     seed : int, default=0
+    inputs : mapping of str to ndarray, optional
+        Images to use instead of the noise (udfc_onnx.distill), each (samples, ...).
+    renormalise : bool, default=True
+        Freeze the BN-matched offsets; False: run the folded graph as it is (no offsets).
     """
 
     def __init__(self, folded: onnx.ModelProto, stats: Mapping[str, BNStats], layers: Mapping, units: Iterable,
-                 samples: int, *, seed: int = 0):
+                 samples: int, *, seed: int = 0, inputs: Mapping[str, np.ndarray] | None = None,
+                 renormalise: bool = True):
         self.folded = folded
         self.layers = dict(layers)
         self.view = GraphView(folded)
@@ -427,8 +470,8 @@ class SequentialSampler:
                 tensor = _activation_tensor(self.view, unit.consumers[0])
                 if tensor is not None:
                     self.wanted[unit.producer] = tensor
-        matched = bn_matched_model(folded, stats)
-        renormalised = [name for name, st in stats.items() if st.layer == name and name in self.layers]
+        matched = bn_matched_model(folded, stats) if renormalise else _copy(folded)
+        renormalised = [name for name, st in stats.items() if st.layer == name and name in self.layers and renormalise]
         offsets = []
         for name in renormalised:
             raw = self.view.nodes_by_name[name].output[0]
@@ -438,7 +481,7 @@ class SequentialSampler:
         names = sorted(set(self.wanted.values()))
         for tensor in names + offsets:
             matched.graph.output.append(helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
-        feed = _input_feed(folded, samples, seed)
+        feed = dict(inputs) if inputs is not None else _input_feed(folded, samples, seed)
         values = _session(matched).run(names + offsets, feed)
         self.targets = dict(zip(names, values[:len(names)]))
         self.offsets: dict[str, np.ndarray] = dict(zip(renormalised, values[len(names):]))

@@ -1,0 +1,184 @@
+"""ZeroQ-style distilled inputs (udfc_onnx.distill): reverse graph, optimisation, option plumbing, fallback."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.graphs import conv_chain
+from udfc_onnx import CompressConfig, compress_model
+from udfc_onnx.distill import GRAD, LOSS, UnsupportedGraphError, distill_inputs, distillation_model, noise_inputs
+from udfc_onnx.errors import InvalidConfigError
+from udfc_onnx.fold import fold_batchnorm
+from udfc_onnx.stats import read_bn_stats
+from udfc_onnx.synthetic import _session
+
+
+def _const(name, value, dtype=np.float32):
+    return numpy_helper.from_array(np.asarray(value, dtype), name)
+
+
+def shortcut_block(spatial=8, seed=0) -> onnx.ModelProto:
+    """Conv-BN, then an option-A shortcut (strided Slice, channel Pad) added to a stride-2 Conv-BN, then Conv-BN.
+
+    No ReLU, so the loss is smooth and finite differences are exact to float32 noise.
+    Input ``input`` (N, 3, spatial, spatial).
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv_bn(i, x, cin, cout, stride):
+        inits.append(_const(f"w{i}", rng.standard_normal((cout, cin, 3, 3)) * 0.3))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1],
+                                      strides=[stride, stride]))
+        for p, v in (("g", rng.uniform(.5, 1.5, cout)), ("b", rng.normal(0, .3, cout)), ("m", rng.normal(0, .3, cout)),
+                     ("v", rng.uniform(.5, 2, cout))):
+            inits.append(_const(f"bn{i}.{p}", v))
+        nodes.append(helper.make_node("BatchNormalization", [f"c{i}"] + [f"bn{i}.{p}" for p in "gbmv"], [f"b{i}"],
+                                      name=f"bn{i}"))
+        return f"b{i}"
+
+    a = conv_bn(0, "input", 3, 4, 1)
+    for name, value in (("starts", [0, 0]), ("ends", [100, 100]), ("axes", [2, 3]), ("steps", [2, 2]),
+                        ("pads", [0, 2, 0, 0, 0, 2, 0, 0])):
+        inits.append(_const(name, value, np.int64))
+    nodes.append(helper.make_node("Slice", [a, "starts", "ends", "axes", "steps"], ["sliced"], name="slice"))
+    nodes.append(helper.make_node("Pad", ["sliced", "pads"], ["padded"], name="pad"))
+    b = conv_bn(1, a, 4, 8, 2)
+    nodes.append(helper.make_node("Add", [b, "padded"], ["sum"], name="add"))
+    c = conv_bn(2, "sum", 8, 8, 1)
+    half = (spatial + 1) // 2
+    graph = helper.make_graph(nodes, "shortcut", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, spatial, spatial])],
+                              [helper.make_tensor_value_info(c, TensorProto.FLOAT, ["N", 8, half, half])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def folded_with_stats(model):
+    stats = read_bn_stats(model)
+    folded, _ = fold_batchnorm(model)
+    return folded, stats
+
+
+def directional_check(model, batch, rng, eps=1e-2):
+    """(finite-difference, analytic) directional derivatives of the loss along three random directions."""
+    folded, stats = folded_with_stats(model)
+    session = _session(distillation_model(folded, stats, batch))
+    shape = [batch] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    x = rng.standard_normal(shape).astype(np.float32)
+    _, grad = session.run([LOSS, GRAD], {"input": x})
+    pairs = []
+    for _ in range(3):
+        d = rng.standard_normal(shape).astype(np.float32)
+        plus = session.run([LOSS], {"input": x + eps * d})[0]
+        minus = session.run([LOSS], {"input": x - eps * d})[0]
+        pairs.append(((float(plus) - float(minus)) / (2 * eps), float((grad.astype(np.float64) * d).sum())))
+    return pairs
+
+
+@pytest.mark.parametrize("spatial", [8, 9])  # 8: the stride-2 ConvTranspose needs output_padding
+def test_gradient_matches_finite_differences_through_slice_pad_and_strided_conv(rng, spatial):
+    for numeric, analytic in directional_check(shortcut_block(spatial), 4, rng):
+        assert numeric == pytest.approx(analytic, rel=2e-3, abs=1e-3)
+
+
+def numpy_chain_loss(folded, stats, x):
+    """The ZeroQ loss of ``conv_chain``'s folded Conv-Relu layers, in float64 NumPy (an independent reference)."""
+    from udfc_onnx.graph import GraphView
+
+    view = GraphView(folded)
+    total, h = 0.0, x.astype(np.float64)
+    for node in folded.graph.node:
+        if node.op_type != "Conv":
+            continue
+        w, bias = view.array(node.input[1]).astype(np.float64), view.array(node.input[2]).astype(np.float64)
+        padded = np.pad(h, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))  # N, C, H, W, 3, 3
+        y = np.einsum("nchwij,ocij->nohw", windows, w) + bias[None, :, None, None]
+        st = stats[node.name]
+        u = (y.mean(axis=(0, 2, 3)) - st.beta) / st.a
+        v = y.std(axis=(0, 2, 3)) / np.abs(st.a) - st.sigma
+        total += np.linalg.norm(u) + np.linalg.norm(v)
+        h = np.maximum(y, 0.0)
+    return total
+
+
+def test_gradient_matches_float64_finite_differences_through_relu(rng):
+    # conv_chain: Conv-BN-Relu x 3 then GAP-Flatten-Gemm; the head after the last BN is skipped
+    model = conv_chain((3, 8, 12, 10), spatial=6)
+    folded, stats = folded_with_stats(model)
+    x = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    loss, grad = _session(distillation_model(folded, stats, 4)).run([LOSS, GRAD], {"input": x})
+    assert float(loss) == pytest.approx(numpy_chain_loss(folded, stats, x), rel=1e-4)
+    eps = 1e-6  # float64: far below the distance to any ReLU kink
+    for _ in range(3):
+        d = rng.standard_normal(x.shape)
+        numeric = (numpy_chain_loss(folded, stats, x + eps * d) - numpy_chain_loss(folded, stats, x - eps * d)) / (2 * eps)
+        assert float((grad.astype(np.float64) * d).sum()) == pytest.approx(numeric, rel=1e-3, abs=1e-4)
+
+
+def test_loss_decreases_and_moves_batch_statistics_towards_bn():
+    model = conv_chain((3, 8, 12, 10))
+    folded, stats = folded_with_stats(model)
+    result = distill_inputs(folded, stats, 16, iterations=100, lr=0.1, seed=3)
+    assert result.loss_end < 0.5 * result.loss_start
+    assert result.inputs["input"].shape == (16, 3, 8, 8) and result.inputs["input"].dtype == np.float32
+    # zero steps give exactly the noise the "noise" inputs use
+    same = distill_inputs(folded, stats, 16, iterations=0, seed=3)
+    np.testing.assert_array_equal(same.inputs["input"], noise_inputs(folded, 16, 3)["input"])
+
+
+def test_chunks_cover_every_sample_with_equal_batches():
+    folded, stats = folded_with_stats(conv_chain((3, 8, 6)))
+    result = distill_inputs(folded, stats, 10, iterations=2, batch=4, seed=0)
+    assert result.chunks == 3
+    noise = noise_inputs(folded, 10, 0)["input"]
+    moved = np.abs(result.inputs["input"] - noise).reshape(10, -1).max(axis=1)
+    assert (moved > 0).all()  # chunks of 4 at 0, 3, 6: the overlap is optimised twice, none is left out
+
+
+def test_unsupported_op_raises_and_compression_falls_back_to_noise():
+    model = conv_chain((3, 8, 6), pool=True)  # MaxPool between two BN layers: no reverse rule
+    folded, stats = folded_with_stats(model)
+    with pytest.raises(UnsupportedGraphError, match="MaxPool"):
+        distillation_model(folded, stats, 4)
+    cfg = CompressConfig(prune_ratio=0.25, weight_bits=None, synthetic_samples=32, synthetic_inputs="distilled",
+                         distill_iterations=2)
+    result = compress_model(model, cfg)
+    assert any("distilled inputs unavailable" in n and "Gaussian noise used" in n for n in result.notes)
+    assert {u.regression for u in result.solution.units} == {"synthetic-sequential"}
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_distilled_option_runs_the_synthetic_fit(renorm):
+    model = conv_chain((3, 8, 12, 10))
+    cfg = CompressConfig(prune_ratio=0.25, weight_bits=4, synthetic_samples=32, synthetic_inputs="distilled",
+                         distill_iterations=3, synthetic_renorm=renorm)
+    result = compress_model(model, cfg)
+    assert any(n.startswith("distilled inputs: 32 images, 3 Adam steps") for n in result.notes)
+    assert "synthetic-sequential" in {u.regression for u in result.solution.units}  # (the Gemm's unit: moments)
+    # the inputs change the fit: not the noise defaults' weights
+    noise = compress_model(model, cfg.replace(synthetic_inputs="noise"))
+    changed = [name for name, value in result.solution.arrays.items()
+               if not np.array_equal(value, noise.solution.arrays[name])]
+    assert changed
+
+
+@pytest.mark.parametrize("field, value", [("synthetic_inputs", "data"), ("synthetic_renorm", None),
+                                          ("distill_iterations", -1), ("distill_batch", 0), ("distill_lr", 0.0)])
+def test_config_validates_distill_fields(field, value):
+    with pytest.raises(InvalidConfigError, match=field):
+        CompressConfig(**{field: value})
+
+
+def test_cli_flags_set_the_distill_fields():
+    from udfc_onnx.cli import _single_parser, config_from_args
+
+    args = _single_parser().parse_args(["in.onnx", "out.onnx", "--synthetic-inputs", "distilled", "--no-synthetic-renorm",
+                                        "--distill-iterations", "7", "--distill-batch", "64", "--distill-lr", "0.3"])
+    cfg = config_from_args(args)
+    assert (cfg.synthetic_inputs, cfg.synthetic_renorm, cfg.distill_iterations, cfg.distill_batch, cfg.distill_lr) == (
+        "distilled", False, 7, 64, 0.3)
+    defaults = config_from_args(_single_parser().parse_args(["in.onnx", "out.onnx"]))
+    assert (defaults.synthetic_inputs, defaults.synthetic_renorm) == ("noise", True)
