@@ -160,7 +160,9 @@ def _quantize_layer(layer: Layer, w_out_major: np.ndarray, config: CompressConfi
     qt = _quantize(w_out_major, config, bits)
     if not config.use_bias_correction:
         return qt, None
-    shift = _mean_shift(layer, qt.dequantize() - w_out_major, li)
+    delta = qt.dequantize()
+    delta -= w_out_major  # in place: one weight-sized float64 temporary less on the largest layers
+    shift = _mean_shift(layer, delta, li)
     return qt, None if shift is None else -shift
 
 
