@@ -227,9 +227,11 @@ def inspect_model(path, config) -> tuple[dict, str]:
 
     Raises the loader's one-line errors (:class:`udfc_onnx.errors.UdfcError`) for bad input.
     """
-    from .load import load_model
+    from .load import read_model
     from .pipeline import analyze  # the pipeline imports this module
 
-    _, _, raw_filters, plan, fold = analyze(load_model(path), config)
+    # weights stay in the file (udfc_onnx.lazy) and raw filters are read one at a time: the folded
+    # weights (a dict nobody keeps) are the only weight-sized thing held
+    _, _, raw_filters, plan, fold = analyze(read_model(path).model, config, inplace=True, folded_weights={})
     records = inspect_records(plan, fold.skipped, underdetermined_units(plan, raw_filters))
     return records, render_inspect(records)
