@@ -573,7 +573,8 @@ def plan_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None, co
     rules = options.overrides
     model = _prepare(loaded.model, config, notes, quantize=config.weight_bits is not None or bool(rules and rules.sets_bits))
     resolved = rules.resolve((n.name, n.op_type) for n in model.graph.node) if rules else {}
-    folded, _, _, plan, _ = analyze(model, config, overrides=resolved)
+    # in place on _prepare's copy, folded weights in a dict nobody keeps: no weight-sized copies
+    folded, _, _, plan, _ = analyze(model, config, overrides=resolved, inplace=True, folded_weights={})
     layers = collect_layers(folded)
     units = [{"producer": u.unit.producer, "consumers": [c.node for c in u.unit.consumers], "channels": u.unit.channels,
               "kept": len(u.keep), "method": config.method}
