@@ -300,3 +300,12 @@ def test_distilled_option_with_priors_and_fewer_images_runs_the_fit():
     result = compress_model(model, cfg)
     assert any(n.startswith("distilled inputs: 32 images (8 distilled, the rest flip-shift), 3 Adam steps")
                for n in result.notes)
+
+
+def test_cross_entropy_is_left_out_when_the_head_has_no_reverse_rule():
+    model = conv_chain((3, 8, 6), head="identity")  # 4-D output: no (batch, classes) logits
+    folded, stats = folded_with_stats(model)
+    with pytest.raises(UnsupportedGraphError, match="logits"):
+        distillation_model(folded, stats, 4, ce_weight=1.0)
+    result = distill_inputs(folded, stats, 8, iterations=2, seed=0, priors=Priors(ce=1.0, tv=1.0))
+    assert result.iterations == 2 and any("cross-entropy left out" in n for n in result.notes)

@@ -358,7 +358,11 @@ def ablation_synthetic(ctx, args):
 
 
 def ablation_distill(ctx, args):
-    """Noise vs ZeroQ-distilled synthetic inputs, with and without the BN renormalisation (L1, 4-bit)."""
+    """Noise vs ZeroQ-distilled synthetic inputs, with and without the BN renormalisation (L1, 4-bit).
+
+    With ``--distill-variants`` the step rows give way to one row per variant, e.g.
+    ``distill_images=32,distill_ce=1,distill_tv=10,distill_iterations=20`` (the cheap DeepInversion setting).
+    """
     rows = [("noise, BN-renormalised (= defaults)", dict(synthetic_inputs="noise"))]
     for iterations in args.distill_iterations if not args.distill_variants else []:
         rows += [(f"distilled {iterations} steps, BN-renormalised", dict(synthetic_inputs="distilled",

@@ -69,6 +69,8 @@ class DistillResult:
         (per chunk, summed over BN layers).
     iterations : int
     chunks : int
+    notes : tuple of str
+        What was left out (a cross-entropy the head does not allow).
     """
 
     inputs: dict[str, np.ndarray]
@@ -76,6 +78,7 @@ class DistillResult:
     loss_end: float
     iterations: int
     chunks: int
+    notes: tuple[str, ...] = ()
 
 
 def noise_inputs(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -669,7 +672,16 @@ def distill_inputs(folded: onnx.ModelProto, stats: Mapping[str, BNStats], sample
     count = min(images or samples, samples)
     chunks = -(-count // min(batch or count, count))
     size = -(-count // chunks)  # equal chunks; the last may overlap the one before it
-    model = distillation_model(folded, stats, size, ce_weight=priors.ce)
+    notes = []
+    try:
+        model = distillation_model(folded, stats, size, ce_weight=priors.ce)
+    except UnsupportedGraphError as exc:
+        if priors.ce <= 0:
+            raise
+        # a head without reverse rules (AveragePool, computed Reshape...) still allows the BN-statistic loss
+        notes.append(f"cross-entropy left out ({exc})")
+        priors = Priors(0.0, priors.tv, priors.l2)
+        model = distillation_model(folded, stats, size)
     session = _session(model)
     targets = None
     if priors.ce > 0:
@@ -690,4 +702,4 @@ def distill_inputs(folded: onnx.ModelProto, stats: Mapping[str, BNStats], sample
         out = np.concatenate([distilled, noise[count:]])
     else:
         out = augment_images(distilled, samples, seed)
-    return DistillResult({name: out}, first_loss, last_loss, iterations, chunks)
+    return DistillResult({name: out}, first_loss, last_loss, iterations, chunks, tuple(notes))

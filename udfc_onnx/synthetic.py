@@ -391,7 +391,7 @@ def _synthetic_inputs(folded: onnx.ModelProto, stats: Mapping[str, BNStats], sam
         made = f" ({distilled} distilled, the rest {config.distill_fill})" if distilled < samples else ""
         notes.append(f"distilled inputs: {samples} images{made}, {result.iterations} Adam steps in {result.chunks} chunk(s), "
                      f"BN-statistic loss {result.loss_start:.3g} -> {result.loss_end:.3g} "
-                     f"({time.perf_counter() - start:.1f} s)")
+                     f"({time.perf_counter() - start:.1f} s)" + "".join(f"; {n}" for n in result.notes))
     return result.inputs
 
 
