@@ -191,7 +191,7 @@ def test_cli_flags_set_the_distill_fields():
     assert (cfg.distill_images, cfg.distill_fill, cfg.distill_ce, cfg.distill_tv, cfg.distill_l2) == (
         32, "noise", 0.5, 2.0, 0.1)
     assert (defaults.distill_images, defaults.distill_fill, defaults.distill_ce, defaults.distill_tv,
-            defaults.distill_l2) == (None, "flip-shift", 0.0, 0.0, 0.0)
+            defaults.distill_l2) == (32, "flip-shift", 1.0, 10.0, 0.0)
 
 
 # ------------------------------------------------------------------------------------- DeepInversion terms

@@ -162,7 +162,8 @@ def _add_accuracy(g, d: CompressConfig) -> None:
     g.add_argument("--distill-lr", dest="distill_lr", type=float, default=None,
                    help=f"Adam step size of the distilled inputs (default: {d.distill_lr})")
     g.add_argument("--distill-images", dest="distill_images", type=int, default=None, metavar="N",
-                   help="images distilled, the other synthetic samples made by --distill-fill (default: all)")
+                   help="images distilled, the other synthetic samples made by --distill-fill "
+                        f"(default: {d.distill_images})")
     g.add_argument("--distill-fill", dest="distill_fill", choices=["flip-shift", "noise"], default=None,
                    help="samples beyond --distill-images: flipped and shifted distilled images, or the starting noise "
                         f"(default: {d.distill_fill})")
