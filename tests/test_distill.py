@@ -184,7 +184,7 @@ def test_cli_flags_set_the_distill_fields():
     assert (cfg.synthetic_inputs, cfg.synthetic_renorm, cfg.distill_iterations, cfg.distill_batch, cfg.distill_lr) == (
         "distilled", False, 7, 64, 0.3)
     defaults = config_from_args(_single_parser().parse_args(["in.onnx", "out.onnx"]))
-    assert (defaults.synthetic_inputs, defaults.synthetic_renorm) == ("noise", True)
+    assert (defaults.synthetic_inputs, defaults.synthetic_renorm) == ("distilled", True)
     args = _single_parser().parse_args(["in.onnx", "out.onnx", "--distill-images", "32", "--distill-fill", "noise",
                                         "--distill-ce", "0.5", "--distill-tv", "2", "--distill-l2", "0.1"])
     cfg = config_from_args(args)

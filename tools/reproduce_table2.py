@@ -363,7 +363,7 @@ def ablation_distill(ctx, args):
     With ``--distill-variants`` the step rows give way to one row per variant, e.g.
     ``distill_images=32,distill_ce=1,distill_tv=10,distill_iterations=20`` (the cheap DeepInversion setting).
     """
-    rows = [("noise, BN-renormalised (= defaults)", dict(synthetic_inputs="noise"))]
+    rows = [("noise, BN-renormalised", dict(synthetic_inputs="noise"))]
     for iterations in args.distill_iterations if not args.distill_variants else []:
         rows += [(f"distilled {iterations} steps, BN-renormalised", dict(synthetic_inputs="distilled",
                                                                          distill_iterations=iterations)),

@@ -84,11 +84,13 @@ class CompressConfig:
         Synthetic images; None picks them from a MAC budget (udfc_onnx.synthetic.sample_count).
     seed : int, default=0
         Seed of the synthetic noise.
-    synthetic_inputs : {"noise", "distilled"}, default="noise"
+    synthetic_inputs : {"noise", "distilled"}, default="distilled"
         Images the synthetic activations start from: standard normal noise, or that noise
         optimised ZeroQ-style until every BN's pre-activation batch mean and deviation match its
         running statistics (udfc_onnx.distill; Adam on the images, gradients from an ONNX reverse
         graph run by ORT). A graph the distillation cannot differentiate keeps the noise.
+        Distilled (32 images, 20 steps, +5 s) beat the noise on 11 of 12 resnet56_nm 4-bit Table 2
+        cells over seeds 0 and 1 (mean +0.8 points, +1.0 to +2.1 at 50 %; README).
     synthetic_renorm : bool, default=True
         Renormalise every folded BN's output over the synthetic batch to its beta/|gamma|
         (udfc_onnx.synthetic.bn_matched_model); False runs the folded graph as it is, which only
@@ -161,7 +163,7 @@ class CompressConfig:
     synthetic_fit: str = "sequential"
     synthetic_samples: int | None = None
     seed: int = 0
-    synthetic_inputs: str = "noise"
+    synthetic_inputs: str = "distilled"
     synthetic_renorm: bool = True
     distill_iterations: int = 20
     distill_batch: int | None = None

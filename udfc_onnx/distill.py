@@ -434,7 +434,8 @@ def distillation_model(folded: onnx.ModelProto, stats: Mapping[str, BNStats], ba
     nodes = [n for n in folded.graph.node if n.name in needed]
     for node in nodes:
         if any(i in on_path for i in node.input) and node.op_type not in DIFFERENTIABLE:
-            raise UnsupportedGraphError(f"{node.op_type} node {node.name!r} between the input and a BN layer")
+            raise UnsupportedGraphError(f"{node.op_type} node {node.name!r} between the input and a BN layer"
+                                        + (" or the logits" if logits else ""))
     opset = next((o.version for o in folded.opset_import if o.domain in ("", "ai.onnx")), 13)
     used = {i for n in nodes for i in n.input}
     sized_input = helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [batch] + [d.dim_value for d in dims[1:]])
