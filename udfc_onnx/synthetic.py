@@ -16,7 +16,8 @@ like the oracle uses real activations: post-activation regression plus a constan
 of the original network) or sequentially (:class:`SequentialSampler`: every original channel on the
 kept channels of the network as compressed so far, the default).
 
-With ``synthetic_inputs="distilled"`` the noise is first optimised ZeroQ-style (udfc_onnx.distill)
+With ``synthetic_inputs="distilled"`` (the default) the noise is first optimised ZeroQ/DeepInversion-style
+(udfc_onnx.distill: a few images, then flipped and shifted copies of them)
 so that the original network's BN layers see their running statistics without renormalisation;
 ``synthetic_renorm=False`` then runs those images through the folded graph as it is.
 
