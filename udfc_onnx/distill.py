@@ -22,6 +22,14 @@ cores, an im2col conv in NumPy 115 ms: the graph is the faster of the two routes
 
 The graph is built for a fixed batch (every shape static): images are distilled in chunks of
 that many, each chunk with its own Adam state, like ZeroQ's independent batches.
+
+DeepInversion (Yin et al., CVPR 2020) terms can join the loss (:class:`Priors`): the cross-entropy
+of the logits toward balanced random target classes (in the graph: the reverse pass then runs
+through the head after the last BN, GlobalAveragePool-Flatten-Gemm), and total-variation and L2
+priors of the images (NumPy, on the images themselves). To save cost, only ``images`` of the
+samples can be distilled and the rest made from them by CIFAR's training augmentation
+(:func:`augment_images`: horizontal flips, shifts by up to 4 pixels with zero fill): 32 images
+and 20 steps take about 5 s on resnet56_nm and fit as well as 256 images and 50 steps (130 s).
 """
 from __future__ import annotations
 
