@@ -6,7 +6,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.graphs import conv_chain
 from udfc_onnx import CompressConfig, compress_model
-from udfc_onnx.distill import GRAD, LOSS, UnsupportedGraphError, distill_inputs, distillation_model, noise_inputs
+from udfc_onnx.distill import (GRAD, LOSS, TARGETS, TOTAL, Priors, UnsupportedGraphError, augment_images,
+                               balanced_targets, distill_inputs, distillation_model, l2_prior, noise_inputs, tv_prior)
 from udfc_onnx.errors import InvalidConfigError
 from udfc_onnx.fold import fold_batchnorm
 from udfc_onnx.stats import read_bn_stats
@@ -166,7 +167,9 @@ def test_distilled_option_runs_the_synthetic_fit(renorm):
 
 
 @pytest.mark.parametrize("field, value", [("synthetic_inputs", "data"), ("synthetic_renorm", None),
-                                          ("distill_iterations", -1), ("distill_batch", 0), ("distill_lr", 0.0)])
+                                          ("distill_iterations", -1), ("distill_batch", 0), ("distill_lr", 0.0),
+                                          ("distill_images", 0), ("distill_images", True), ("distill_fill", "mixup"),
+                                          ("distill_ce", -1.0), ("distill_tv", float("nan")), ("distill_l2", "1")])
 def test_config_validates_distill_fields(field, value):
     with pytest.raises(InvalidConfigError, match=field):
         CompressConfig(**{field: value})
@@ -181,4 +184,128 @@ def test_cli_flags_set_the_distill_fields():
     assert (cfg.synthetic_inputs, cfg.synthetic_renorm, cfg.distill_iterations, cfg.distill_batch, cfg.distill_lr) == (
         "distilled", False, 7, 64, 0.3)
     defaults = config_from_args(_single_parser().parse_args(["in.onnx", "out.onnx"]))
-    assert (defaults.synthetic_inputs, defaults.synthetic_renorm) == ("noise", True)
+    assert (defaults.synthetic_inputs, defaults.synthetic_renorm) == ("distilled", True)
+    args = _single_parser().parse_args(["in.onnx", "out.onnx", "--distill-images", "32", "--distill-fill", "noise",
+                                        "--distill-ce", "0.5", "--distill-tv", "2", "--distill-l2", "0.1"])
+    cfg = config_from_args(args)
+    assert (cfg.distill_images, cfg.distill_fill, cfg.distill_ce, cfg.distill_tv, cfg.distill_l2) == (
+        32, "noise", 0.5, 2.0, 0.1)
+    assert (defaults.distill_images, defaults.distill_fill, defaults.distill_ce, defaults.distill_tv,
+            defaults.distill_l2) == (32, "flip-shift", 1.0, 10.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------- DeepInversion terms
+
+def gemm_head_variant(model, trans_b: bool, alpha: float) -> onnx.ModelProto:
+    """``conv_chain``'s model with its Gemm head stored as transB=0 (weight transposed) and ``alpha``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    fc = next(n for n in out.graph.node if n.op_type == "Gemm")
+    weight = next(t for t in out.graph.initializer if t.name == fc.input[1])
+    w = numpy_helper.to_array(weight) / alpha
+    weight.CopyFrom(numpy_helper.from_array((w if trans_b else w.T).astype(np.float32), weight.name))
+    del fc.attribute[:]
+    fc.attribute.extend([helper.make_attribute("transB", int(trans_b)), helper.make_attribute("alpha", alpha)])
+    return out
+
+
+@pytest.mark.parametrize("trans_b, alpha", [(True, 1.0), (False, 0.5)])
+def test_cross_entropy_gradient_matches_finite_differences_through_the_head(rng, trans_b, alpha):
+    # no ReLU: the loss is smooth, float32 central differences are accurate
+    model = gemm_head_variant(conv_chain((3, 8, 12, 10), relu=False), trans_b, alpha)
+    folded, stats = folded_with_stats(model)
+    batch, weight = 4, 3.0
+    session = _session(distillation_model(folded, stats, batch, ce_weight=weight))
+    x = rng.standard_normal((batch, 3, 8, 8)).astype(np.float32)
+    targets = balanced_targets(batch, 5, 0)
+    bn_loss, total, grad = session.run([LOSS, TOTAL, GRAD], {"input": x, TARGETS: targets})
+    # the cross-entropy part equals one computed from the model's own logits
+    logits = _session(model).run(["logits"], {"input": x})[0].astype(np.float64)
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    assert float(total) - float(bn_loss) == pytest.approx(-weight * (targets * log_p).sum() / batch, rel=1e-4)
+    eps = 1e-2
+    for _ in range(3):
+        d = rng.standard_normal(x.shape).astype(np.float32)
+        plus = session.run([TOTAL], {"input": x + eps * d, TARGETS: targets})[0]
+        minus = session.run([TOTAL], {"input": x - eps * d, TARGETS: targets})[0]
+        numeric = (float(plus) - float(minus)) / (2 * eps)
+        assert float((grad.astype(np.float64) * d).sum()) == pytest.approx(numeric, rel=2e-3, abs=1e-3)
+
+
+@pytest.mark.parametrize("prior", [tv_prior, l2_prior])
+def test_image_prior_gradients_match_finite_differences(rng, prior):
+    x = rng.standard_normal((2, 3, 5, 4))
+    loss, grad = prior(x)
+    assert grad.shape == x.shape
+    eps = 1e-6
+    for _ in range(3):
+        d = rng.standard_normal(x.shape)
+        numeric = (prior(x + eps * d)[0] - prior(x - eps * d)[0]) / (2 * eps)
+        assert float((grad * d).sum()) == pytest.approx(numeric, rel=1e-6)
+    assert tv_prior(np.ones((1, 1, 4, 4)))[0] == 0.0  # a constant image has no variation
+
+
+def test_balanced_targets_cover_the_classes_evenly():
+    targets = balanced_targets(23, 5, seed=1)
+    assert targets.shape == (23, 5) and targets.dtype == np.float32
+    assert (targets.sum(axis=1) == 1).all()
+    assert sorted(targets.sum(axis=0).tolist()) == [4, 4, 5, 5, 5]
+    np.testing.assert_array_equal(targets, balanced_targets(23, 5, seed=1))
+
+
+def test_augment_images_keeps_the_originals_then_flips_and_shifts_them(rng):
+    images = rng.standard_normal((3, 2, 6, 6)).astype(np.float32)
+    out = augment_images(images, 10, seed=4, shift=2)
+    assert out.shape == (10, 2, 6, 6) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:3], images)
+    np.testing.assert_array_equal(out, augment_images(images, 10, seed=4, shift=2))
+    padded = np.pad(images, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    for i in range(3, 10):  # every later sample is a flipped or plain crop of its source's padded image
+        crops = [padded[i % 3, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(np.array_equal(out[i], c) or np.array_equal(out[i], c[..., ::-1]) for c in crops)
+    assert not np.array_equal(out[3:6], images)  # some augmentation happened
+    np.testing.assert_array_equal(augment_images(images, 2, seed=0), images[:2])
+
+
+@pytest.mark.parametrize("fill", ["flip-shift", "noise"])
+def test_distilling_fewer_images_fills_the_other_samples(fill):
+    folded, stats = folded_with_stats(conv_chain((3, 8, 6)))
+    result = distill_inputs(folded, stats, 10, iterations=3, seed=2, images=4, fill=fill)
+    out, noise = result.inputs["input"], noise_inputs(folded, 10, 2)["input"]
+    assert out.shape == noise.shape and result.chunks == 1
+    assert (np.abs(out[:4] - noise[:4]).reshape(4, -1).max(axis=1) > 0).all()
+    if fill == "noise":
+        np.testing.assert_array_equal(out[4:], noise[4:])
+    else:
+        np.testing.assert_array_equal(out, augment_images(out[:4], 10, seed=2))
+
+
+def test_priors_smooth_the_images_and_cross_entropy_moves_logits_to_targets():
+    model = conv_chain((3, 8, 12, 10))
+    folded, stats = folded_with_stats(model)
+    plain = distill_inputs(folded, stats, 10, iterations=30, lr=0.1, seed=1).inputs["input"]
+    smooth = distill_inputs(folded, stats, 10, iterations=30, lr=0.1, seed=1, priors=Priors(tv=10.0, l2=1.0)).inputs["input"]
+    assert tv_prior(smooth)[0] < 0.5 * tv_prior(plain)[0] and l2_prior(smooth)[0] < l2_prior(plain)[0]
+    guided = distill_inputs(folded, stats, 10, iterations=30, lr=0.1, seed=1, priors=Priors(ce=10.0)).inputs["input"]
+    targets = balanced_targets(10, 5, 1).argmax(axis=1)
+    hits = [(_session(model).run(["logits"], {"input": x})[0].argmax(axis=1) == targets).mean() for x in (plain, guided)]
+    assert hits[1] >= 0.8 > hits[0]
+
+
+def test_distilled_option_with_priors_and_fewer_images_runs_the_fit():
+    model = conv_chain((3, 8, 12, 10))
+    cfg = CompressConfig(prune_ratio=0.25, weight_bits=4, synthetic_samples=32, synthetic_inputs="distilled",
+                         distill_iterations=3, distill_images=8, distill_ce=1.0, distill_tv=1.0)
+    result = compress_model(model, cfg)
+    assert any(n.startswith("distilled inputs: 32 images (8 distilled, the rest flip-shift), 3 Adam steps")
+               for n in result.notes)
+
+
+def test_cross_entropy_is_left_out_when_the_head_has_no_reverse_rule():
+    model = conv_chain((3, 8, 6), head="identity")  # 4-D output: no (batch, classes) logits
+    folded, stats = folded_with_stats(model)
+    with pytest.raises(UnsupportedGraphError, match="logits"):
+        distillation_model(folded, stats, 4, ce_weight=1.0)
+    result = distill_inputs(folded, stats, 8, iterations=2, seed=0, priors=Priors(ce=1.0, tv=1.0))
+    assert result.iterations == 2 and any("cross-entropy left out" in n for n in result.notes)

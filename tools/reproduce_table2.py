@@ -358,15 +358,23 @@ def ablation_synthetic(ctx, args):
 
 
 def ablation_distill(ctx, args):
-    """Noise vs ZeroQ-distilled synthetic inputs, with and without the BN renormalisation (L1, 4-bit)."""
-    rows = [("noise, BN-renormalised (= defaults)", dict(synthetic_inputs="noise"))]
-    for iterations in args.distill_iterations:
+    """Noise vs ZeroQ-distilled synthetic inputs, with and without the BN renormalisation (L1, 4-bit).
+
+    With ``--distill-variants`` the step rows give way to one row per variant, e.g.
+    ``distill_images=32,distill_ce=1,distill_tv=10,distill_iterations=20`` (the cheap DeepInversion setting).
+    """
+    rows = [("noise, BN-renormalised", dict(synthetic_inputs="noise"))]
+    for iterations in args.distill_iterations if not args.distill_variants else []:
         rows += [(f"distilled {iterations} steps, BN-renormalised", dict(synthetic_inputs="distilled",
                                                                          distill_iterations=iterations)),
                  (f"distilled {iterations} steps, plain folded graph", dict(synthetic_inputs="distilled",
                                                                             distill_iterations=iterations,
                                                                             synthetic_renorm=False))]
-    rows.append(("noise, plain folded graph", dict(synthetic_inputs="noise", synthetic_renorm=False)))
+    if not args.distill_variants:
+        rows.append(("noise, plain folded graph", dict(synthetic_inputs="noise", synthetic_renorm=False)))
+    for variant in args.distill_variants:  # "key=value,key=value": distilled inputs with those config fields
+        changes = {k: parse_value(v) for k, v in (item.split("=", 1) for item in variant.split(","))}
+        rows.append((f"distilled, {variant}", dict(synthetic_inputs="distilled", **changes)))
     cols = _ratio_cols(args.ratios, "4")
     return _grid(ctx, "Synthetic inputs: Gaussian noise vs ZeroQ-distilled images (udfc_onnx/distill.py)", rows, cols,
                  "Distilled: Adam on the input images until every BN's batch mean and deviation of its "
@@ -551,6 +559,9 @@ def main(argv=None) -> int:
     p.add_argument("--oracle-images", type=int, default=1000, help="images --ablation oracle fits on (the last ones)")
     p.add_argument("--distill-iterations", nargs="+", type=int, default=[50],
                    help="Adam steps of --ablation distill")
+    p.add_argument("--distill-variants", nargs="+", default=[], metavar="K=V,K=V",
+                   help="--ablation distill: instead of the step rows, one distilled row per variant (config fields, "
+                        "e.g. distill_images=64,distill_ce=1)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs pruning ratio")
     p.add_argument("--plot-ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     p.add_argument("--plot-criterion", choices=["l1", "l2"], default="l1")

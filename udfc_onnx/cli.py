@@ -161,6 +161,19 @@ def _add_accuracy(g, d: CompressConfig) -> None:
                    help="images whose BN statistics are matched together (default: all synthetic samples)")
     g.add_argument("--distill-lr", dest="distill_lr", type=float, default=None,
                    help=f"Adam step size of the distilled inputs (default: {d.distill_lr})")
+    g.add_argument("--distill-images", dest="distill_images", type=int, default=None, metavar="N",
+                   help="images distilled, the other synthetic samples made by --distill-fill "
+                        f"(default: {d.distill_images})")
+    g.add_argument("--distill-fill", dest="distill_fill", choices=["flip-shift", "noise"], default=None,
+                   help="samples beyond --distill-images: flipped and shifted distilled images, or the starting noise "
+                        f"(default: {d.distill_fill})")
+    g.add_argument("--distill-ce", dest="distill_ce", type=float, default=None, metavar="W",
+                   help="weight of the cross-entropy toward random target classes in the distillation loss "
+                        f"(DeepInversion) (default: {d.distill_ce})")
+    g.add_argument("--distill-tv", dest="distill_tv", type=float, default=None, metavar="W",
+                   help=f"weight of the total-variation image prior of the distillation (default: {d.distill_tv})")
+    g.add_argument("--distill-l2", dest="distill_l2", type=float, default=None, metavar="W",
+                   help=f"weight of the mean-square image prior of the distillation (default: {d.distill_l2})")
     g.add_argument("--selection", choices=["greedy", "norm"], default=None,
                    help="UDFC kept channels: least compensated error, or top --criterion norms as in the paper "
                         "(default: norm for the sequential synthetic fit, greedy for the others)")

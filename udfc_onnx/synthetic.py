@@ -16,7 +16,8 @@ like the oracle uses real activations: post-activation regression plus a constan
 of the original network) or sequentially (:class:`SequentialSampler`: every original channel on the
 kept channels of the network as compressed so far, the default).
 
-With ``synthetic_inputs="distilled"`` the noise is first optimised ZeroQ-style (udfc_onnx.distill)
+With ``synthetic_inputs="distilled"`` (the default) the noise is first optimised ZeroQ/DeepInversion-style
+(udfc_onnx.distill: a few images, then flipped and shifted copies of them)
 so that the original network's BN layers see their running statistics without renormalisation;
 ``synthetic_renorm=False`` then runs those images through the folded graph as it is.
 
@@ -35,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .distill import distill_inputs, noise_inputs
+from .distill import Priors, distill_inputs, noise_inputs
 from .graph import GraphView, attribute
 from .lazy import materialized
 from .stats import BNStats
@@ -379,15 +380,19 @@ def _synthetic_inputs(folded: onnx.ModelProto, stats: Mapping[str, BNStats], sam
     start = time.perf_counter()
     try:
         result = distill_inputs(folded, stats, samples, iterations=config.distill_iterations,
-                                batch=config.distill_batch, lr=config.distill_lr, seed=config.seed)
+                                batch=config.distill_batch, lr=config.distill_lr, seed=config.seed,
+                                images=config.distill_images, fill=config.distill_fill,
+                                priors=Priors(config.distill_ce, config.distill_tv, config.distill_l2))
     except Exception as exc:  # unsupported op, ORT failure: the noise still works
         if notes is not None:
             notes.append(f"distilled inputs unavailable ({type(exc).__name__}: {str(exc)[:200]}); Gaussian noise used")
         return None
     if notes is not None:
-        notes.append(f"distilled inputs: {samples} images, {result.iterations} Adam steps in {result.chunks} chunk(s), "
+        distilled = min(config.distill_images or samples, samples)
+        made = f" ({distilled} distilled, the rest {config.distill_fill})" if distilled < samples else ""
+        notes.append(f"distilled inputs: {samples} images{made}, {result.iterations} Adam steps in {result.chunks} chunk(s), "
                      f"BN-statistic loss {result.loss_start:.3g} -> {result.loss_end:.3g} "
-                     f"({time.perf_counter() - start:.1f} s)")
+                     f"({time.perf_counter() - start:.1f} s)" + "".join(f"; {n}" for n in result.notes))
     return result.inputs
 
 
