@@ -139,8 +139,18 @@ def test_chunks_cover_every_sample_with_equal_batches():
     assert (moved > 0).all()  # chunks of 4 at 0, 3, 6: the overlap is optimised twice, none is left out
 
 
+def test_gradient_matches_finite_differences_through_a_tiling_maxpool(rng):
+    model = conv_chain((3, 4, 6), pool=True, relu=False)  # Conv-BN, MaxPool 2x2 / 2, Conv-BN
+    for numeric, analytic in directional_check(model, 4, rng, eps=1e-3):
+        assert numeric == pytest.approx(analytic, rel=1e-2, abs=1e-3)
+
+
 def test_unsupported_op_raises_and_compression_falls_back_to_noise():
-    model = conv_chain((3, 8, 6), pool=True)  # MaxPool between two BN layers: no reverse rule
+    model = conv_chain((3, 8, 6), pool=True)
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    del pool.attribute[:]  # overlapping 3x3 / 2 windows, as in an ImageNet stem: no reverse rule
+    pool.attribute.extend([helper.make_attribute("kernel_shape", [3, 3]), helper.make_attribute("strides", [2, 2]),
+                           helper.make_attribute("pads", [1, 1, 1, 1])])
     folded, stats = folded_with_stats(model)
     with pytest.raises(UnsupportedGraphError, match="MaxPool"):
         distillation_model(folded, stats, 4)
