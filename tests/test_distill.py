@@ -139,8 +139,10 @@ def test_chunks_cover_every_sample_with_equal_batches():
     assert (moved > 0).all()  # chunks of 4 at 0, 3, 6: the overlap is optimised twice, none is left out
 
 
-def test_gradient_matches_finite_differences_through_a_tiling_maxpool(rng):
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_gradient_matches_finite_differences_through_a_tiling_pool(rng, op):
     model = conv_chain((3, 4, 6), pool=True, relu=False)  # Conv-BN, MaxPool 2x2 / 2, Conv-BN
+    next(n for n in model.graph.node if n.op_type == "MaxPool").op_type = op
     for numeric, analytic in directional_check(model, 4, rng, eps=1e-3):
         assert numeric == pytest.approx(analytic, rel=1e-2, abs=1e-3)
 
@@ -319,3 +321,34 @@ def test_cross_entropy_is_left_out_when_the_head_has_no_reverse_rule():
         distillation_model(folded, stats, 4, ce_weight=1.0)
     result = distill_inputs(folded, stats, 8, iterations=2, seed=0, priors=Priors(ce=1.0, tv=1.0))
     assert result.iterations == 2 and any("cross-entropy left out" in n for n in result.notes)
+
+
+def test_cross_entropy_reaches_through_a_shape_gather_reshape_head(rng):
+    """A head that flattens with Shape/Gather/Concat/Reshape (as torch exports x.view(x.size(0), -1)) keeps the CE term."""
+    model = conv_chain((3, 8, 6), relu=False)  # smooth: finite differences are exact to float32 noise
+    flat = next(n for n in model.graph.node if n.op_type == "Flatten")
+    src, dst = flat.input[0], flat.output[0]
+    model.graph.node.remove(flat)
+    model.graph.initializer.extend([_const("zero_idx", 0, np.int64), _const("axes0", [0], np.int64),
+                                    _const("minus_one", [-1], np.int64)])
+    at = next(i for i, n in enumerate(model.graph.node) if n.op_type == "Gemm")
+    for k, node in enumerate([helper.make_node("Shape", [src], ["shp"], name="shape"),
+                              helper.make_node("Gather", ["shp", "zero_idx"], ["n"], name="gather", axis=0),
+                              helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="unsq"),
+                              helper.make_node("Concat", ["n1", "minus_one"], ["newshape"], name="cat", axis=0),
+                              helper.make_node("Reshape", [src, "newshape"], [dst], name="reshape")]):
+        model.graph.node.insert(at + k, node)
+    onnx.checker.check_model(model, full_check=True)
+    folded, stats = folded_with_stats(model)
+    result = distill_inputs(folded, stats, 8, iterations=2, seed=0, priors=Priors(ce=1.0))
+    assert not any("cross-entropy left out" in n for n in result.notes)
+    targets = balanced_targets(4, 5, 0)  # conv_chain's head: 5 classes
+    session = _session(distillation_model(folded, stats, 4, ce_weight=1.0))
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    total, grad = session.run([TOTAL, GRAD], {"input": x, TARGETS: targets})
+    d = rng.standard_normal(x.shape).astype(np.float32)
+    eps = 1e-2
+    plus = session.run([TOTAL], {"input": x + eps * d, TARGETS: targets})[0]
+    minus = session.run([TOTAL], {"input": x - eps * d, TARGETS: targets})[0]
+    assert (float(plus) - float(minus)) / (2 * eps) == pytest.approx(float((grad.astype(np.float64) * d).sum()),
+                                                                     rel=2e-2, abs=2e-3)

@@ -15,7 +15,8 @@ not recoverable from it).
 The gradient with respect to the input comes from one ONNX graph that ONNX Runtime runs: the
 folded graph up to the last BN layer, the loss, and a hand-built reverse pass per op (a Conv's
 input gradient is a ConvTranspose with the same weights, a Relu's a Where on its output, a
-MaxPool whose windows tile its input sends each window's gradient to the window's maximum...).
+MaxPool whose windows tile its input sends each window's gradient to the window's maximum, such an
+AveragePool spreads it evenly...).
 ORT runs a 16-channel 3x3 conv on 256 CIFAR images in 20 ms and the ConvTranspose in 26 ms on two
 cores, an im2col conv in NumPy 115 ms: the graph is the faster of the two routes. Ops outside
 :data:`DIFFERENTIABLE` on the path from the input to a BN layer raise
@@ -49,7 +50,9 @@ __all__ = ["DIFFERENTIABLE", "FILLS", "DistillResult", "Priors", "UnsupportedGra
 
 # Ops with a reverse rule below; any other op between the input and a BN layer is unsupported.
 DIFFERENTIABLE = ("Conv", "Gemm", "Relu", "LeakyRelu", "Add", "Sub", "Mul", "Identity", "Reshape", "Flatten", "Slice",
-                  "Pad", "GlobalAveragePool", "Concat", "MaxPool")
+                  "Pad", "GlobalAveragePool", "Concat", "MaxPool", "AveragePool")
+# Ops whose output is the input's shape or size, not its values: no gradient flows through them.
+SHAPE_ONLY = ("Shape", "Size")
 # A channel whose folded multiplier |a| is under this fraction of its layer's largest stays out of
 # the loss: its output y = a z + b hardly depends on z, so z = (y - b) / a is noise.
 DEAD_GAMMA = 1e-4
@@ -304,12 +307,13 @@ def _pad_grad(b, node, view, shapes, gy, constants):
     return {0: b.slice(gy, begin, [p + d for p, d in zip(begin, x_shape)], list(range(rank)))}
 
 
-def _maxpool_grad(b, node, shapes, gy):
-    """dX of a MaxPool whose windows tile its input (kernel = strides, no padding or dilation).
+def _pool_grad(b, node, shapes, gy):
+    """dX of a MaxPool or AveragePool whose windows tile its input (kernel = strides, no padding or dilation).
 
-    dY goes back to the positions that hold their window's maximum (a tie gives each the whole
-    gradient: the subgradient is not unique there, and ties do not happen on continuous images).
-    Overlapping windows (a 3x3 / 2 ImageNet stem) would need a scatter-add: unsupported.
+    MaxPool: dY goes back to the positions that hold their window's maximum (a tie gives each the
+    whole gradient: the subgradient is not unique there, and ties do not happen on continuous
+    images). AveragePool: dY / window size to every position of the window (a CIFAR ResNet's
+    8x8 head). Overlapping windows (a 3x3 / 2 ImageNet stem) would need a scatter-add: unsupported.
     """
     kernel = [int(k) for k in attribute(node, "kernel_shape")]
     rank = len(kernel)
@@ -318,10 +322,10 @@ def _maxpool_grad(b, node, shapes, gy):
             or any(d != 1 for d in attribute(node, "dilations", [1] * rank))
             or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
             or (len(node.output) > 1 and node.output[1])):
-        raise UnsupportedGraphError(f"MaxPool {node.name!r} whose windows overlap, pad or give indices")
+        raise UnsupportedGraphError(f"{node.op_type} {node.name!r} whose windows overlap, pad or give indices")
     x_shape, y_shape = shapes[node.input[0]], shapes[node.output[0]]
     if any(x_shape[2 + i] != y_shape[2 + i] * k for i, k in enumerate(kernel)):
-        raise UnsupportedGraphError(f"MaxPool {node.name!r} that leaves input rows out")
+        raise UnsupportedGraphError(f"{node.op_type} {node.name!r} that leaves input rows out")
 
     def spread(t: str) -> str:  # (N, C, h, w) -> (N, C, h k, w k), each value repeated over its window
         split, tiled = list(y_shape[:2]), list(y_shape[:2])
@@ -331,6 +335,8 @@ def _maxpool_grad(b, node, shapes, gy):
         t = b.op("Expand", [b.reshape(t, split), b.const(tiled, "shape", np.int64)])
         return b.reshape(t, x_shape)
 
+    if node.op_type == "AveragePool":
+        return {0: spread(b.op("Mul", [gy, b.const(1.0 / float(np.prod(kernel)))]))}
     at_max = b.op("Equal", [node.input[0], spread(node.output[0])])
     return {0: b.op("Where", [at_max, spread(gy), b.const(0.0)], "maxpool_grad")}
 
@@ -364,8 +370,8 @@ def _reverse(b: _Builder, node, view: GraphView, shapes, constants, gy: str, on_
         x_shape = shapes[node.input[0]]
         scaled = b.op("Mul", [gy, b.const(1.0 / np.prod(x_shape[2:]))])
         return {0: b.op("Expand", [scaled, b.const(x_shape, "shape", np.int64)], "gap_grad")}
-    if op == "MaxPool":
-        return _maxpool_grad(b, node, shapes, gy)
+    if op in ("MaxPool", "AveragePool"):
+        return _pool_grad(b, node, shapes, gy)
     if op == "Slice":
         return _slice_grad(b, node, view, shapes, gy, constants)
     if op == "Pad":
@@ -452,10 +458,11 @@ def distillation_model(folded: onnx.ModelProto, stats: Mapping[str, BNStats], ba
     view = GraphView(folded)
     layers = {name: st for name, st in stats.items() if st.layer == name and name in view.nodes_by_name
               and view.nodes_by_name[name].op_type in ("Conv", "Gemm")}
-    # forward: tensors that depend on the input
+    # forward: tensors that depend on the input (through values: a Shape's output only depends on
+    # static shapes here, and a head that flattens with Shape/Gather/Reshape carries no gradient there)
     on_path = {x}
     for node in folded.graph.node:
-        if any(i in on_path for i in node.input):
+        if node.op_type not in SHAPE_ONLY and any(i in on_path for i in node.input):
             on_path.update(o for o in node.output if o)
     targets = {view.nodes_by_name[name].output[0]: st for name, st in layers.items()}
     targets = {t: st for t, st in targets.items() if t in on_path}
@@ -475,7 +482,7 @@ def distillation_model(folded: onnx.ModelProto, stats: Mapping[str, BNStats], ba
         stack.extend(i for i in node.input if i)
     nodes = [n for n in folded.graph.node if n.name in needed]
     for node in nodes:
-        if any(i in on_path for i in node.input) and node.op_type not in DIFFERENTIABLE:
+        if any(i in on_path for i in node.input) and node.op_type not in DIFFERENTIABLE + SHAPE_ONLY:
             raise UnsupportedGraphError(f"{node.op_type} node {node.name!r} between the input and a BN layer"
                                         + (" or the logits" if logits else ""))
     opset = next((o.version for o in folded.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -496,7 +503,7 @@ def distillation_model(folded: onnx.ModelProto, stats: Mapping[str, BNStats], ba
             if value is not None:
                 constants[node.output[0]] = numpy_helper.to_array(value)
     # tensors the rules need but neither inference nor constants give: one ORT run on zeros
-    differentiable = [n for n in nodes if any(i in on_path for i in n.input)]
+    differentiable = [n for n in nodes if n.op_type not in SHAPE_ONLY and any(i in on_path for i in n.input)]
     unknown = sorted({t for n in differentiable for t in (*n.input, *n.output) if t and t in on_path and t not in shapes})
     open_params = sorted({n.input[1] for n in differentiable if n.op_type == "Pad" and len(n.input) > 1
                           and n.input[1] not in constants})
