@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graph import GraphView, attribute, remove_unused, set_initializer
+from .graph import GraphView, attribute, copy_model, remove_unused, set_initializer
 
 __all__ = ["FoldRecord", "fold_batchnorm"]
 
@@ -59,7 +59,7 @@ def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False,
     them (biases are written as usual). A protobuf message never frees a replaced value before
     the whole model goes, so writing them would hold every weight twice.
     """
-    model = model if inplace else _copy(model)
+    model = model if inplace else copy_model(model)
     view = GraphView(model)
     record = FoldRecord()
     drop: list[onnx.NodeProto] = []
@@ -105,9 +105,3 @@ def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False,
         model.graph.node.remove(bn)
     remove_unused(model)
     return model, record
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out

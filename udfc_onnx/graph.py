@@ -128,6 +128,13 @@ def ensure_node_names(model: onnx.ModelProto) -> int:
     return renamed
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of ``model`` (protobuf ``CopyFrom``)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def without_initializer_data(model: onnx.ModelProto, names) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers named in ``names`` keep name, type and dims but no values.
 

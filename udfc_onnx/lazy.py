@@ -114,6 +114,8 @@ def _tensor_without_raw(buf, start: int, end: int, threshold: int) -> tuple[byte
             if raw is not None:
                 return None  # repeated raw_data (merged by protobuf): leave it to the parser
             raw = (value_start, value_end - value_start)
+        elif field == _DATA_LOCATION and wire == 0 and _varint(buf, value_start, value_end)[0] != 0:
+            raise _Malformed("external data")  # read with its files by the plain load
         elif field in (_SEGMENT, _DATA_LOCATION):
             return None
         else:
@@ -127,8 +129,8 @@ def read_lazy(path: str | os.PathLike, min_bytes: int | None = None) -> onnx.Mod
     """Parse ``path`` with its large initializers left in the file (lazy); None when it cannot.
 
     None (the caller then uses ``onnx.load``) for a file this wire-format walk does not handle: a
-    graph given twice, malformed or truncated fields, or a big-endian machine. Initializers inside
-    subgraphs and functions are parsed as usual.
+    graph given twice, malformed or truncated fields, an initializer in external data files, or a
+    big-endian machine. Initializers inside subgraphs and functions are parsed as usual.
     """
     if sys.byteorder != "little":
         return None

@@ -228,15 +228,12 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         checker_error = None
     except Exception as exc:
         checker_error = first_line(exc)
-    try:
-        with open(p, "rb") as f:  # read first: a permission problem is not a decode problem
-            f.read(1)
+    try:  # read first: a permission problem is not a decode problem
         # Large weights stay in the file until a pass needs one (udfc_onnx.lazy): the parsed
         # model is a fraction of the file, and no bytes copy of the whole file is made.
         model = read_lazy(p) if checker_error is None else None
         data = None
-        if model is None or any(t.data_location == onnx.TensorProto.EXTERNAL and not is_lazy(t)
-                                for t in model.graph.initializer):
+        if model is None:
             with open(p, "rb") as f:
                 data = f.read()
     except OSError as exc:

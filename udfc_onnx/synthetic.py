@@ -37,8 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .distill import Priors, distill_inputs, noise_inputs
-from .graph import GraphView, attribute
-from .lazy import materialized
+from .graph import GraphView, attribute, copy_model
 from .stats import BNStats
 
 __all__ = ["ActivationMoments", "PairedMoments", "SequentialSampler", "bn_matched_model", "model_cost", "model_macs",
@@ -242,9 +241,15 @@ def _activation_tensor(view: GraphView, consumer) -> str | None:
     return node.input[0]
 
 
-def _input_feed(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
-    """Standard normal noise (samples, ...) for every graph input (udfc_onnx.distill.noise_inputs)."""
-    return noise_inputs(model, samples, seed)
+def _wanted_tensors(view: GraphView, units: Iterable) -> dict[str, str]:
+    """Producer -> the tensor its unit's only consumer reads, for the simple units that have one."""
+    wanted = {}
+    for unit in units:
+        if unit.is_simple and len(unit.consumers) == 1:
+            tensor = _activation_tensor(view, unit.consumers[0])
+            if tensor is not None:
+                wanted[unit.producer] = tensor
+    return wanted
 
 
 def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats], units: Iterable,
@@ -272,30 +277,16 @@ def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats]
     dict of str to ActivationMoments
         Keyed by producer name.
     """
-    import onnxruntime as ort
-
-    units = list(units)
-    view = GraphView(folded)
-    wanted: dict[str, str] = {}
-    for unit in units:
-        if not unit.is_simple or len(unit.consumers) != 1:
-            continue
-        tensor = _activation_tensor(view, unit.consumers[0])
-        if tensor is not None:
-            wanted[unit.producer] = tensor
+    wanted = _wanted_tensors(GraphView(folded), units)
     if not wanted or samples <= 0:
         return {}
-    model = bn_matched_model(folded, stats) if renormalise else _copy(folded)
+    model = bn_matched_model(folded, stats) if renormalise else copy_model(folded)
     present = {o.name for o in model.graph.output}
     for tensor in sorted(set(wanted.values()) - present):
         model.graph.output.append(helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(materialized(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = sorted(set(wanted.values()))
-    feed = dict(inputs) if inputs is not None else _input_feed(model, samples, seed)
-    outputs = dict(zip(names, session.run(names, feed)))
+    feed = dict(inputs) if inputs is not None else noise_inputs(model, samples, seed)
+    outputs = dict(zip(names, _session(model).run(names, feed)))
     result = {}
     for producer, tensor in wanted.items():
         value = outputs[tensor]
@@ -306,12 +297,6 @@ def synthetic_unit_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats]
         centred = rows - mean
         result[producer] = ActivationMoments(mean, centred.T @ centred / len(rows), len(rows))
     return result
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 def with_values(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -421,12 +406,12 @@ class PairedMoments:
 
 
 def _session(model: onnx.ModelProto):
+    """CPU session with basic graph optimisation (constant folding; no relaid-out copies of the weights)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(materialized(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    from .validate import session
+
+    return session(model, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
 
 
 class SequentialSampler:
@@ -469,13 +454,8 @@ class SequentialSampler:
         self.folded = folded
         self.layers = dict(layers)
         self.view = GraphView(folded)
-        self.wanted: dict[str, str] = {}
-        for unit in units:
-            if unit.is_simple and len(unit.consumers) == 1:
-                tensor = _activation_tensor(self.view, unit.consumers[0])
-                if tensor is not None:
-                    self.wanted[unit.producer] = tensor
-        matched = bn_matched_model(folded, stats) if renormalise else _copy(folded)
+        self.wanted = _wanted_tensors(self.view, units)
+        matched = bn_matched_model(folded, stats) if renormalise else copy_model(folded)
         renormalised = [name for name, st in stats.items() if st.layer == name and name in self.layers and renormalise]
         offsets = []
         for name in renormalised:
@@ -486,7 +466,7 @@ class SequentialSampler:
         names = sorted(set(self.wanted.values()))
         for tensor in names + offsets:
             matched.graph.output.append(helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
-        feed = dict(inputs) if inputs is not None else _input_feed(folded, samples, seed)
+        feed = dict(inputs) if inputs is not None else noise_inputs(folded, samples, seed)
         values = _session(matched).run(names + offsets, feed)
         self.targets = dict(zip(names, values[:len(names)]))
         self.offsets: dict[str, np.ndarray] = dict(zip(renormalised, values[len(names):]))
