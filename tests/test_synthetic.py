@@ -56,8 +56,9 @@ def test_synthetic_regression_recovers_an_exact_linear_dependency(rng, fit):
     cfg = CompressConfig(prune_ratio=0.125, weight_bits=None, regression="synthetic", synthetic_fit=fit,
                          synthetic_samples=32, selection="greedy")  # the Gemm after pooling reads one row per sample
     result = compress_model(model, cfg)
-    expected = "synthetic-sequential" if fit == "sequential" else "synthetic"
-    assert [u.regression for u in result.solution.units] == [expected, expected]
+    # sequential: conv1 reads conv0 over whole patches; the Gemm after pooling reads conv1 per channel
+    expected = ["synthetic-patch", "synthetic-sequential"] if fit == "sequential" else ["synthetic", "synthetic"]
+    assert [u.regression for u in result.solution.units] == expected
     assert [u.selection for u in result.solution.units] == ["greedy", "greedy"]
     np.testing.assert_allclose(run(result.model, x)[0], run(model, x)[0], rtol=1e-4, atol=1e-4)
 
@@ -65,7 +66,7 @@ def test_synthetic_regression_recovers_an_exact_linear_dependency(rng, fit):
 def test_too_big_for_the_budget_falls_back_to_moments(monkeypatch):
     model = conv_chain((3, 8, 6))
     cfg = CompressConfig(prune_ratio=0.25, weight_bits=None)  # auto count: tiny model, many samples
-    assert {u.regression for u in compress_model(model, cfg).solution.units} == {"synthetic-sequential"}
+    assert {u.regression for u in compress_model(model, cfg).solution.units} == {"synthetic-patch", "synthetic-sequential"}
     monkeypatch.setattr(synthetic, "MAC_BUDGET", 1.0)
     result = compress_model(model, cfg)
     assert {u.regression for u in result.solution.units} == {"moments"}
@@ -94,3 +95,30 @@ def test_auto_selection_is_norm_for_the_sequential_fit_only():
     assert [u.selection for u in compress_model(model, cfg).solution.units] == ["norm", "norm"]
     layer = compress_model(model, cfg.replace(synthetic_fit="layer")).solution.units
     assert [u.selection for u in layer] == ["greedy", "greedy"]
+
+
+def test_consumer_refit_patch_by_default_and_channel_on_request(rng):
+    model = conv_chain((3, 8, 6))
+    cfg = CompressConfig(prune_ratio=0.25, weight_bits=4, synthetic_samples=32)
+    x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    reference = run(model, x)[0]
+    for refit, first in (("patch", "synthetic-patch"), ("channel", "synthetic-sequential")):
+        result = compress_model(model, cfg.replace(consumer_refit=refit))
+        # the second unit's consumer is the Gemm head: always per channel
+        assert [u.regression for u in result.solution.units] == [first, "synthetic-sequential"]
+        assert np.all(np.isfinite(run(result.model, x)[0]))
+        assert run(result.model, x)[0].shape == reference.shape
+
+
+def test_gptq_rounding_changes_integers_only_where_synthetic_inputs_exist():
+    model = conv_chain((3, 8, 6))
+    cfg = CompressConfig(prune_ratio=0.25, weight_bits=4, synthetic_samples=32)
+    gptq = compress_model(model, cfg).solution.quantized
+    nearest = compress_model(model, cfg.replace(weight_rounding="nearest")).solution.quantized
+    assert set(gptq) == set(nearest)
+    assert any(not np.array_equal(gptq[k].q, nearest[k].q) for k in gptq)
+    # nothing pruned: no synthetic pass, so GPTQ has no input moments and rounds to nearest
+    flat = cfg.replace(prune_ratio=0.0)
+    a = compress_model(model, flat).solution.quantized
+    b = compress_model(model, flat.replace(weight_rounding="nearest")).solution.quantized
+    assert all(np.array_equal(a[k].q, b[k].q) for k in a)

@@ -357,6 +357,21 @@ def ablation_synthetic(ctx, args):
                  "gamma/beta over the batch (udfc_onnx/synthetic.py); samples from the MAC budget unless given.")
 
 
+def ablation_refit(ctx, args):
+    """How the sequential fit refits a consumer and rounds the weights (L1, defaults otherwise)."""
+    rows = [
+        ("channel refit, nearest rounding (defaults before)", dict(consumer_refit="channel", weight_rounding="nearest")),
+        ("channel refit, GPTQ rounding", dict(consumer_refit="channel", weight_rounding="gptq")),
+        ("patch refit, nearest rounding", dict(consumer_refit="patch", weight_rounding="nearest")),
+        ("patch refit, GPTQ rounding (= defaults)", dict(consumer_refit="patch", weight_rounding="gptq")),
+    ]
+    cols = _ratio_cols(args.ratios, "float") + _ratio_cols(args.ratios, "4")
+    return _grid(ctx, "Consumer refit and weight rounding of the sequential synthetic fit [EXT] (L1)", rows, cols,
+                 "channel: one coefficient per (original, kept) channel pair, shared by the consumer's taps; patch: "
+                 "the consumer's kept input slice regressed over whole synthetic input patches onto the original "
+                 "consumer's output. GPTQ: error-feedback rounding under each layer's synthetic input second moment.")
+
+
 def ablation_distill(ctx, args):
     """Noise vs ZeroQ-distilled synthetic inputs, with and without the BN renormalisation (L1, 4-bit).
 
@@ -493,6 +508,7 @@ ABLATIONS = {
     "granularity": ablation_granularity,
     "bits": ablation_bits,
     "selection": ablation_selection,
+    "refit": ablation_refit,
     "mean-weight": ablation_mean_weight,
     "synthetic": ablation_synthetic,
     "distill": ablation_distill,

@@ -174,6 +174,13 @@ def _add_accuracy(g, d: CompressConfig) -> None:
                    help=f"weight of the total-variation image prior of the distillation (default: {d.distill_tv})")
     g.add_argument("--distill-l2", dest="distill_l2", type=float, default=None, metavar="W",
                    help=f"weight of the mean-square image prior of the distillation (default: {d.distill_l2})")
+    g.add_argument("--consumer-refit", dest="consumer_refit", choices=["patch", "channel"], default=None,
+                   help="sequential synthetic fit: refit each consumer over whole input patches to the original "
+                        "consumer's output, or one coefficient per channel pair (default: "
+                        f"{d.consumer_refit})")
+    g.add_argument("--weight-rounding", dest="weight_rounding", choices=["gptq", "nearest"], default=None,
+                   help="round weights with GPTQ error feedback under each layer's synthetic input moments (where a "
+                        f"synthetic pass runs), or each to its nearest level (default: {d.weight_rounding})")
     g.add_argument("--selection", choices=["greedy", "norm"], default=None,
                    help="UDFC kept channels: least compensated error, or top --criterion norms as in the paper "
                         "(default: norm for the sequential synthetic fit, greedy for the others)")

@@ -30,7 +30,7 @@ from .errors import SolverError
 from .activation_means import activation_mean
 from .moments import LayerInput, patch_covariance
 from .plan import Plan, UnitPlan
-from .quant import QuantizedTensor, quantize_per_channel
+from .quant import QuantizedTensor, gptq_quantize, quantize_per_channel
 from .solve import (apply_compensation, bn_row_scales, consumer_gram, equalization_scales, filter_second_moments,
                     mean_residual_bias,
                     neuron_merging_coefficients, relu_mean, select_keep_greedy, solve_moment_coefficients,
@@ -127,8 +127,12 @@ def layer_bits_for(name: str, config: CompressConfig, overrides: Mapping | None)
     return None if override.skip else override.bits if override.bits is not None else config.weight_bits
 
 
-def _quantize(w_out_major: np.ndarray, config: CompressConfig, bits: int) -> QuantizedTensor:
+def _quantize(w_out_major: np.ndarray, config: CompressConfig, bits: int,
+              second: np.ndarray | None = None) -> QuantizedTensor:
     symmetric = config.symmetric_for(bits)
+    if second is not None and config.granularity == "channel" and not (
+            config.quant_compensation == "own" and config.method == "udfc"):
+        return gptq_quantize(w_out_major, second, bits, symmetric=symmetric)
     if config.granularity == "tensor":
         whole = quantize_per_channel(w_out_major.reshape(1, -1), bits, symmetric=symmetric)
         C = w_out_major.shape[0]
@@ -155,15 +159,26 @@ def _mean_shift(layer: Layer, delta_w: np.ndarray, li: LayerInput | None) -> np.
 
 
 def _quantize_layer(layer: Layer, w_out_major: np.ndarray, config: CompressConfig, bits: int,
-                    li: LayerInput | None) -> tuple[QuantizedTensor, np.ndarray | None]:
-    """Quantize one weight; with bias correction also the bias change that restores its output mean."""
-    qt = _quantize(w_out_major, config, bits)
+                    li: LayerInput | None, second: np.ndarray | None = None) -> tuple[QuantizedTensor, np.ndarray | None]:
+    """Quantize one weight; with bias correction also the bias change that restores its output mean.
+
+    ``second``: the input second moment for GPTQ rounding (``config.weight_rounding="gptq"``), or None.
+    """
+    qt = _quantize(w_out_major, config, bits, second)
     if not config.use_bias_correction:
         return qt, None
     delta = qt.dequantize()
     delta -= w_out_major  # in place: one weight-sized float64 temporary less on the largest layers
     shift = _mean_shift(layer, delta, li)
     return qt, None if shift is None else -shift
+
+
+def _input_second(layer: Layer, config: CompressConfig, arrays: dict, layers: dict[str, Layer], solution: Solution,
+                  activation_moments) -> np.ndarray | None:
+    """The layer's synthetic input second moment when GPTQ rounding asks for it (the network as compressed so far)."""
+    if config.weight_rounding != "gptq" or not hasattr(activation_moments, "input_second_moment"):
+        return None
+    return activation_moments.input_second_moment(layer.name, _dequantized_view(arrays, layers, solution))
 
 
 def _slice_input(li: LayerInput, cs: ConsumerSlice, channels: int, keep: np.ndarray) -> LayerInput:
@@ -341,7 +356,8 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
     next_scale = None
     bits = layer_bits_for(prod.name, config, overrides)
     if bits is not None:
-        qt, bias_delta = _quantize_layer(prod, kept_filters, config, bits, li)
+        second = _input_second(prod, config, arrays, layers, solution, activation_moments)
+        qt, bias_delta = _quantize_layer(prod, kept_filters, config, bits, li, second)
         if bias_delta is not None:
             kept_bias = kept_bias + bias_delta
         if udfc and config.quant_compensation == "next":
@@ -349,6 +365,8 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
         solution.quantized[prod.weight] = qt
         if config.regress_on_quantized:
             kept_filters = qt.dequantize()
+
+    kept_bias_stored = kept_bias.astype(arrays[prod.bias].dtype)
 
     coef = None
     regression = ""
@@ -398,7 +416,26 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
         w2 = arrays[cons.weight]
         full = _consumer_view(cons, w2, cs, C)
         sub = full[:, cs.offset:cs.offset + C]
-        if refit:  # (O, C, B) slice refitted: column i of the kept set reads sum_c W2[:, c] coef[i, c]
+        patch = None
+        if refit and config.consumer_refit == "patch" and next_scale is None and hasattr(activation_moments, "patch_moments") \
+                and cs.offset == 0 and full.shape[1] == C:
+            view = _dequantized_view(arrays, layers, solution)
+            if prod.weight in solution.quantized:  # the producer as quantized: its kept rows only
+                view[prod.bias] = kept_bias_stored
+                activation_moments.record(prod.name, keep)
+            patch = activation_moments.patch_moments(prod.name, cs.node, view, keep)
+        if patch is not None:
+            # the whole kept slice refitted to the original output: W2' = W2 S_ok S_kk^-1 over patches
+            o = sub.shape[0]
+            taps = sub.shape[2]
+            coef_patch = solve_moment_coefficients(patch.cov, patch.cross, ridge=config.ridge)
+            w_flat = sub.reshape(o, -1).astype(np.float64)
+            new_flat = w_flat @ coef_patch.T
+            new_sub = new_flat.reshape(o, len(keep), taps)
+            delta = w_flat @ patch.target_mean - new_flat @ patch.mean
+            arrays[cons.bias] = (arrays[cons.bias].astype(np.float64) + delta).astype(arrays[cons.bias].dtype)
+            regression = "synthetic-patch"
+        elif refit:  # (O, C, B) slice refitted: column i of the kept set reads sum_c W2[:, c] coef[i, c]
             new_sub = np.einsum("ocb,ic->oib", sub.astype(np.float64), coef)
             if next_scale is not None:
                 new_sub = new_sub * next_scale[None, :, None]
@@ -406,7 +443,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
             new_sub = apply_compensation(sub, keep, coef, next_scale)
         else:  # spec 4 variant (b): coefficients on float filters, whole slice rescaled
             new_sub = apply_compensation(sub, keep, coef) * next_scale[None, :, None]
-        if transfer or refit:
+        if (transfer or refit) and patch is None:
             # taps that read zero padding on a small map carry no mean (issue 4: ConsumerSlice.taps)
             weighted = sub * np.asarray(cs.taps, np.float64)[None, None, :] if cs.taps else sub
             if refit:  # the regression's constant, E[A_orig] - coef^T E[A_kept]: part of the refit
@@ -420,7 +457,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
             inputs[cs.node] = _slice_input(inputs[cs.node], cs, C, keep)
 
     arrays[prod.weight] = prod.stored(W[keep]).astype(arrays[prod.weight].dtype)
-    arrays[prod.bias] = kept_bias.astype(arrays[prod.bias].dtype)
+    arrays[prod.bias] = kept_bias_stored  # the object the patch moments used: the sampler's cache stays valid
     if hasattr(activation_moments, "record"):
         activation_moments.record(prod.name, keep)
     solution.units.append(UnitRecord(
@@ -485,7 +522,8 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
             bits = layer_bits_for(layer.name, config, overrides)
             if bits is not None and layer.weight not in solution.quantized:
                 w = layer.out_major(work[layer.weight]).astype(np.float64)
-                qt, bias_delta = _quantize_layer(layer, w, config, bits, inputs.get(layer.name))
+                second = _input_second(layer, config, work, layers, solution, activation_moments)
+                qt, bias_delta = _quantize_layer(layer, w, config, bits, inputs.get(layer.name), second)
                 solution.quantized[layer.weight] = qt
                 if bias_delta is not None:
                     work[layer.bias] = (work[layer.bias].astype(np.float64) + bias_delta).astype(work[layer.bias].dtype)

@@ -18,6 +18,8 @@ SYNTHETIC_INPUTS = ("noise", "distilled")
 DISTILL_FILLS = ("flip-shift", "noise")
 BIAS_UNITS = ("e", "b")
 GRANULARITIES = ("channel", "tensor")
+ROUNDINGS = ("nearest", "gptq")
+REFITS = ("patch", "channel")
 # Below this width the symmetric grid loses too much (tools/reproduce_table2.py --ablation bits: on
 # resnet56_nm at ratio 0 with bias correction, 4-bit symmetric -0.62 vs asymmetric -0.43, 3-bit -3.91 vs -1.07).
 AUTO_ASYMMETRIC_BELOW = 5
@@ -80,6 +82,14 @@ class CompressConfig:
         compressed (and quantized) so far, every consumer input slice refitted to the original
         network's activations; "layer": each unit's pruned channels regressed on its kept ones
         in the original network. Plans with channel groups use "layer".
+    consumer_refit : {"patch", "channel"}, default="patch"
+        Sequential fit only: how a unit's consumer is refitted to the original network [EXT].
+        "patch": the consumer's whole kept input slice, every tap of every kept channel, is
+        regressed so that its output reproduces the original consumer's output over the
+        synthetic input patches (``W2' = W2 S_ok S_kk^-1``, the producer already quantized);
+        "channel": each original channel is predicted from the kept ones and the consumer reads
+        the prediction (one coefficient per channel pair, shared by all taps). Consumers that are
+        not plain group-1 2-D Convs reading the unit directly (Gemm heads, depthwise) use "channel".
     synthetic_samples : int or None, default=None
         Synthetic images; None picks them from a MAC budget (udfc_onnx.synthetic.sample_count).
     seed : int, default=0
@@ -142,6 +152,11 @@ class CompressConfig:
     cross_layer_equalization : bool, default=False
         DFQ cross-layer equalization of every unit (producer rows and consumer columns scaled
         to equal ranges) before anything else.
+    weight_rounding : {"nearest", "gptq"}, default="gptq"
+        How weights are rounded onto their grid: each to its nearest level, or GPTQ
+        (udfc_onnx.quant.gptq_quantize) under the second moment of the layer's input in the
+        synthetic activations of the network compressed so far [EXT]; layers without synthetic
+        inputs (no sampler, depthwise convs, per-tensor grids, own-scale s^q) round to nearest.
     """
 
     prune_ratio: float = 0.0
@@ -179,6 +194,8 @@ class CompressConfig:
     mean_weight: float = 4.0
     granularity: str = "channel"
     cross_layer_equalization: bool = False
+    weight_rounding: str = "gptq"
+    consumer_refit: str = "patch"
 
     # --- int8 deployment output (udfc_onnx/int8.py, udfc_onnx/activations.py) ---
     # activations : {"float", "uint8"}, default="float"
@@ -266,7 +283,8 @@ class CompressConfig:
             raise InvalidConfigError(f"selection must be one of {SELECTIONS} (or null for auto), got {self.selection!r}")
         for name, allowed in (("regression", REGRESSIONS), ("bias_units", BIAS_UNITS),
                               ("synthetic_fit", SYNTHETIC_FITS),
-                              ("granularity", GRANULARITIES)):
+                              ("granularity", GRANULARITIES), ("weight_rounding", ROUNDINGS),
+                              ("consumer_refit", REFITS)):
             if getattr(self, name) not in allowed:
                 raise InvalidConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("symmetric", "bias_transfer", "bias_correction", "regress_on_quantized", "cross_layer_equalization"):
@@ -323,5 +341,6 @@ PRESETS: dict[str, dict] = {
         method="udfc", symmetric=False, alpha1=0.01, alpha2=0.008, quant_compensation="next",
         bias_transfer=False, ridge=0.0, regress_on_quantized=True, regression="euclidean", selection="norm",
         bias_correction=False, bias_units="e", granularity="channel", cross_layer_equalization=False,
+        weight_rounding="nearest",
     ),
 }

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QuantizedTensor", "quantize_per_channel"]
+__all__ = ["QuantizedTensor", "gptq_quantize", "quantize_per_channel"]
 
 
 @dataclass
@@ -84,3 +84,73 @@ def quantize_per_channel(weights: np.ndarray, bits: int, *, symmetric: bool = Tr
         q += zp.reshape(shape)
         np.clip(q, qmin, qmin + levels, out=q)
     return QuantizedTensor(q.astype(np.int8), scale.astype(np.float32), zp.astype(np.int8), bits)
+
+
+def _grid(weights: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Per-row ``(scale, zero_point, qmin, qmax)`` of :func:`quantize_per_channel`'s grid for (C, D) rows."""
+    ref = quantize_per_channel(weights, bits, symmetric=symmetric)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return ref.scale.astype(np.float64), ref.zero_point.astype(np.float64), -qmax, qmax
+    qmin = -(2 ** (bits - 1))
+    return ref.scale.astype(np.float64), ref.zero_point.astype(np.float64), qmin, qmin + 2**bits - 1
+
+
+def gptq_quantize(weights: np.ndarray, second: np.ndarray, bits: int, *, symmetric: bool = True,
+                  damp: float = 0.01) -> QuantizedTensor:
+    """Round ``weights`` onto :func:`quantize_per_channel`'s grid minimising the output error [EXT].
+
+    GPTQ (Frantar et al., 2023) with the activation order: the input entries are quantized one
+    at a time, largest ``second[d, d]`` first, and the rounding error of each is spread over the
+    entries not yet quantized so that ``E[((W - Q) x)^2]`` under ``E[x x^T] = second`` stays
+    small, instead of rounding every weight to its nearest level independently. The grid (scale
+    and zero point per row) is the min/max grid of nearest rounding, so only the integers change.
+
+    Parameters
+    ----------
+    weights : ndarray of shape (C, ...)
+        Output channels on axis 0; the other axes flatten to the D input entries.
+    second : ndarray of shape (D, D)
+        Second moment of the layer input (uncentred), in the flattened order of one filter.
+    bits : int in [2, 8]
+    symmetric : bool, default=True
+    damp : float, default=0.01
+        Added to the diagonal, relative to its mean (keeps the Cholesky factor defined).
+
+    Returns
+    -------
+    QuantizedTensor
+        Same grid as ``quantize_per_channel(weights, bits, symmetric=symmetric)``.
+    """
+    w0 = np.asarray(weights, np.float64)
+    rows = w0.reshape(w0.shape[0], -1)
+    d = rows.shape[1]
+    h = np.array(second, np.float64, copy=True)
+    if h.shape != (d, d):
+        raise ValueError(f"second moment of shape {h.shape} for filters of {d} entries")
+    scale, zp, qmin, qmax = _grid(rows, bits, symmetric)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w = rows.copy()
+    w[:, dead] = 0.0
+    diag_mean = float(np.mean(np.diag(h)))
+    h[np.diag_indices(d)] += damp * (diag_mean if diag_mean > 0 else 1.0)
+    order = np.argsort(-np.diag(h), kind="stable")
+    w = w[:, order]
+    h = h[np.ix_(order, order)]
+    # upper Cholesky factor of H^-1: row j holds the update of the entries after j (GPTQ's Hinv)
+    try:
+        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        return quantize_per_channel(weights, bits, symmetric=symmetric)
+    q = np.empty_like(w)
+    for j in range(d):
+        col = w[:, j]
+        level = np.clip(np.rint(col / scale) + zp, qmin, qmax)
+        q[:, j] = level
+        err = (col - (level - zp) * scale) / hinv[j, j]
+        w[:, j + 1:] -= np.outer(err, hinv[j, j + 1:])
+    levels = np.empty_like(q)
+    levels[:, order] = q
+    return QuantizedTensor(levels.reshape(w0.shape).astype(np.int8), scale.astype(np.float32),
+                           zp.astype(np.int8), bits)
