@@ -122,3 +122,20 @@ def test_gptq_rounding_changes_integers_only_where_synthetic_inputs_exist():
     a = compress_model(model, flat).solution.quantized
     b = compress_model(model, flat.replace(weight_rounding="nearest")).solution.quantized
     assert all(np.array_equal(a[k].q, b[k].q) for k in a)
+
+
+def test_defaults_beat_the_papers_udfc_row_at_half_pruning(shared_models, cifar_test):
+    """The headline claim (README, Table 2): 4-bit, 50 %, L1, defaults; paper 81.60 on 10 000 images.
+
+    On these first 2 000 images the defaults gave 85.70 (10 000 images: 85.76), the previous
+    defaults (channel refit, nearest rounding) 81.75; the bound sits between them.
+    """
+    mean = np.array([0.4914, 0.4822, 0.4465], np.float32).reshape(1, 3, 1, 1)
+    std = np.array([0.2023, 0.1994, 0.2010], np.float32).reshape(1, 3, 1, 1)
+    x, y = cifar_test
+    x = ((x[:2000].astype(np.float32) / 255 - mean) / std).astype(np.float32)
+    model = onnx.load(shared_models / "resnet56_nm.onnx")
+    out = compress_model(model, CompressConfig(prune_ratio=0.5, weight_bits=4)).model
+    pred = np.concatenate([run(out, x[i:i + 500])[0].argmax(1) for i in range(0, 2000, 500)])
+    acc = 100 * float((pred == y[:2000]).mean())
+    assert acc > 83.5, acc

@@ -16,6 +16,14 @@ the arrays to write plus the quantized form of each weight. Order (spec 4, per n
 UDFC's moment regression, greedy selection and the bias correction need the data-free input
 moments of each layer (``layer_inputs``, from udfc_onnx.moment_graph); a layer without them
 falls back to the Euclidean regression, norm selection and no correction.
+
+With the sequential synthetic fit (``activation_moments`` a udfc_onnx.synthetic.SequentialSampler,
+the default for models within its budget) two steps read the synthetic activations of the network
+as compressed so far [EXT]: ``consumer_refit="patch"`` replaces the per-channel coefficients of a
+plain-Conv consumer by a least-squares refit of its whole kept input slice over input patches
+(``W2' = W2 S_ok S_kk^-1`` with the producer already quantized, the constant into its bias), and
+``weight_rounding="gptq"`` rounds every weight with GPTQ under its layer's input second moment
+(udfc_onnx.quant.gptq_quantize); the moments themselves come from udfc_onnx.patches.
 """
 from __future__ import annotations
 

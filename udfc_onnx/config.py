@@ -71,9 +71,9 @@ class CompressConfig:
         consumers (no filter compensation); by default only convs inside residual blocks are pruned.
     regression : {"synthetic", "moments", "euclidean"}, default="synthetic"
         UDFC's pruning regression [EXT except euclidean]. "synthetic": regress post-activation
-        channels (plus a constant) on BN-matched synthetic activations, Gaussian noise pushed
+        channels (plus a constant) on BN-matched synthetic activations, distilled images pushed
         through the model with every folded BN renormalised to its gamma/beta over the batch
-        (udfc_onnx.synthetic; no data). Models over the sample budget fall back to "moments":
+        (udfc_onnx.synthetic; no data; see ``consumer_refit`` and ``weight_rounding``). Models over the sample budget fall back to "moments":
         predict pruned pre-activations from kept ones under analytically propagated second
         moments of the layer input. "euclidean": the paper's plain least squares of filters
         with the alpha1 bias term.

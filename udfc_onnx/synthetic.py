@@ -14,7 +14,9 @@ included) give the empirical mean and covariance of each unit's channels, which 
 like the oracle uses real activations: post-activation regression plus a constant
 (udfc_onnx.compensate), either per layer (:func:`synthetic_unit_moments`: pruned on kept channels
 of the original network) or sequentially (:class:`SequentialSampler`: every original channel on the
-kept channels of the network as compressed so far, the default).
+kept channels of the network as compressed so far, the default). The sampler also gives the
+patch moments of a consumer's input (:meth:`SequentialSampler.patch_moments`, the patch refit) and
+of any layer's input (:meth:`SequentialSampler.input_second_moment`, GPTQ rounding).
 
 With ``synthetic_inputs="distilled"`` (the default) the noise is first optimised ZeroQ/DeepInversion-style
 (udfc_onnx.distill: a few images, then flipped and shifted copies of them)
