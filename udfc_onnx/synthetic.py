@@ -413,12 +413,18 @@ class PairedMoments:
 
 
 def _session(model: onnx.ModelProto):
-    """CPU session with basic graph optimisation (constant folding; no relaid-out copies of the weights)."""
+    """CPU session with basic graph optimisation (constant folding; no relaid-out copies of the weights).
+
+    No memory arena: the sampler builds one session per partial graph, and each arena's high-water
+    mark stayed in the process (resnet56_nm at 50 %, 4-bit, noise inputs: peak 2168 MB with the
+    arena, 1526 MB without, same time).
+    """
     import onnxruntime as ort
 
     from .validate import session
 
-    return session(model, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    return session(model, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                   enable_cpu_mem_arena=False)
 
 
 class SequentialSampler:
