@@ -155,8 +155,10 @@ class CompressConfig:
     weight_rounding : {"nearest", "gptq"}, default="gptq"
         How weights are rounded onto their grid: each to its nearest level, or GPTQ
         (udfc_onnx.quant.gptq_quantize) under the second moment of the layer's input in the
-        synthetic activations of the network compressed so far [EXT]; layers without synthetic
-        inputs (no sampler, depthwise convs, per-tensor grids, own-scale s^q) round to nearest.
+        synthetic activations of the network compressed so far [EXT]. A run that prunes nothing
+        takes the synthetic pass for it alone below 8 bits (udfc_onnx.synthetic.rounds_with_gptq_alone);
+        layers without synthetic inputs (8-bit quantization alone, models over the sample budget,
+        depthwise convs, per-tensor grids, own-scale s^q) round to nearest.
     """
 
     prune_ratio: float = 0.0
