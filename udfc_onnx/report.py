@@ -327,7 +327,7 @@ def render_units(units: list[dict], skipped: list[dict], layers: dict, notes: li
                 u.get("regression", ""),
                  ", ".join(f"{k}={v}" for k, v in (u.get("override") or {}).items()))
                 for u in units]
-        # statistics: which data-free fit the unit used (synthetic-sequential, synthetic, moments, euclidean)
+        # statistics: which data-free fit the unit used (synthetic-patch, synthetic-sequential, synthetic, moments, euclidean)
         out += _grid(("unit (producer)", "kept", "ratio", "bits", "method", "compensated", "statistics", "override"),
                      rows, "<>>><<<<")
     out += [f"left alone: {s['node']}: {s['reason']}" for s in skipped]
