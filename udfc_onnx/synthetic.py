@@ -59,10 +59,10 @@ ELEMENT_BUDGET = 1.5e8
 # 74.35 %, 256 samples 78.50 / 78.55 / 77.45 % (at 40 %: 85.80 / 87.10 / 86.00 vs 86.30 / 86.70 /
 # 86.35); 32 samples 77.25 / 86.15 (seed 0). Fewer samples give noisy fits.
 MIN_SAMPLES = 32
-# Quantization-only runs (nothing pruned) take the synthetic pass for GPTQ rounding below this width.
-GPTQ_ALONE_BELOW_BITS = 8
 MAX_SAMPLES = 256
 RENORM_EPS = 1e-12
+# Quantization-only runs (nothing pruned) take the synthetic pass for GPTQ rounding below this width.
+GPTQ_ALONE_BELOW_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -604,7 +604,7 @@ class SequentialSampler:
         if geometry is None:
             return None
         value = self._tensor(target, arrays)
-        if value is None:
+        if value is None or value.ndim != 4:
             return None
         keep = np.asarray(keep, np.int64)
         patches = len(value) * output_positions(value.shape[2], value.shape[3], geometry)
