@@ -106,7 +106,8 @@ def test_grids_auto_symmetric_per_tensor():
 
 @pytest.mark.parametrize("field, value", [("regression", "ols"), ("selection", "random"), ("bias_units", "x"),
                                           ("granularity", "row"), ("mean_weight", -1.0), ("symmetric", "yes"),
-                                          ("cross_layer_equalization", None)])
+                                          ("cross_layer_equalization", None), ("weight_rounding", "round"),
+                                          ("consumer_refit", "block")])
 def test_new_fields_are_validated(field, value):
     with pytest.raises(InvalidConfigError, match=field):
         CompressConfig(**{field: value})
