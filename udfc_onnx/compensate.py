@@ -138,8 +138,7 @@ def layer_bits_for(name: str, config: CompressConfig, overrides: Mapping | None)
 def _quantize(w_out_major: np.ndarray, config: CompressConfig, bits: int,
               second: np.ndarray | None = None) -> QuantizedTensor:
     symmetric = config.symmetric_for(bits)
-    if second is not None and config.granularity == "channel" and not (
-            config.quant_compensation == "own" and config.method == "udfc"):
+    if second is not None and config.uses_gptq:
         return gptq_quantize(w_out_major, second, bits, symmetric=symmetric)
     if config.granularity == "tensor":
         whole = quantize_per_channel(w_out_major.reshape(1, -1), bits, symmetric=symmetric)
@@ -184,7 +183,7 @@ def _quantize_layer(layer: Layer, w_out_major: np.ndarray, config: CompressConfi
 def _input_second(layer: Layer, config: CompressConfig, arrays: dict, layers: dict[str, Layer], solution: Solution,
                   activation_moments) -> np.ndarray | None:
     """The layer's synthetic input second moment when GPTQ rounding asks for it (the network as compressed so far)."""
-    if config.weight_rounding != "gptq" or not hasattr(activation_moments, "input_second_moment"):
+    if not config.uses_gptq or not hasattr(activation_moments, "input_second_moment"):
         return None
     return activation_moments.input_second_moment(layer.name, _dequantized_view(arrays, layers, solution))
 

@@ -322,6 +322,13 @@ class CompressConfig:
         udfc_moments = self.method == "udfc" and (self.regression != "euclidean" or self.selection != "norm")
         return udfc_moments or self.use_bias_correction
 
+    @property
+    def uses_gptq(self) -> bool:
+        """Whether weights are rounded with GPTQ where synthetic inputs exist (per-channel grids
+        whose steps UDFC's own-layer s^q does not rescale afterwards)."""
+        own_scale = self.quant_compensation == "own" and self.method == "udfc"
+        return self.weight_rounding == "gptq" and self.granularity == "channel" and not own_scale
+
     def symmetric_for(self, bits: int) -> bool:
         """Grid of a ``bits``-wide layer: the explicit choice, else symmetric from 5 bits up."""
         return bits >= AUTO_ASYMMETRIC_BELOW if self.symmetric is None else self.symmetric

@@ -63,37 +63,31 @@ def quantize_per_channel(weights: np.ndarray, bits: int, *, symmetric: bool = Tr
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in [2, 8], got {bits}")
     w = np.asarray(weights, np.float64)
-    flat = w.reshape(w.shape[0], -1)
     shape = (-1,) + (1,) * (w.ndim - 1)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        amax = np.abs(flat).max(axis=1)
-        scale = np.where(amax > 0, amax / qmax, 1.0)
-        q = w / scale.reshape(shape)
-        np.clip(np.rint(q, out=q), -qmax, qmax, out=q)  # in place: fewer passes over the largest weights
-        zp = np.zeros(w.shape[0])
-    else:
-        levels = 2**bits - 1
-        lo = np.minimum(flat.min(axis=1), 0.0)
-        hi = np.maximum(flat.max(axis=1), 0.0)
-        scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
-        qmin = -(2 ** (bits - 1))
-        zp = np.rint(-lo / scale) + qmin
-        q = w / scale.reshape(shape)
-        np.rint(q, out=q)
-        q += zp.reshape(shape)
-        np.clip(q, qmin, qmin + levels, out=q)
+    scale, zp, qmin, qmax = _grid(w.reshape(w.shape[0], -1), bits, symmetric)
+    q = w / scale.reshape(shape)
+    np.rint(q, out=q)  # in place from here: fewer passes over the largest weights
+    q += zp.reshape(shape)
+    np.clip(q, qmin, qmax, out=q)
     return QuantizedTensor(q.astype(np.int8), scale.astype(np.float32), zp.astype(np.int8), bits)
 
 
-def _grid(weights: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Per-row ``(scale, zero_point, qmin, qmax)`` of :func:`quantize_per_channel`'s grid for (C, D) rows."""
-    ref = quantize_per_channel(weights, bits, symmetric=symmetric)
+def _grid(flat: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Per-row ``(scale, zero_point, qmin, qmax)`` of the min/max grid of (C, D) rows, in float64.
+
+    Symmetric: zero point 0, levels in [-(2**(b-1)-1), 2**(b-1)-1]. Asymmetric: 2**b levels over
+    [min, max] widened to include 0, so that the zero point is an integer.
+    """
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        return ref.scale.astype(np.float64), ref.zero_point.astype(np.float64), -qmax, qmax
+        amax = np.abs(flat).max(axis=1)
+        return np.where(amax > 0, amax / qmax, 1.0), np.zeros(flat.shape[0]), -qmax, qmax
+    levels = 2**bits - 1
+    lo = np.minimum(flat.min(axis=1), 0.0)
+    hi = np.maximum(flat.max(axis=1), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
     qmin = -(2 ** (bits - 1))
-    return ref.scale.astype(np.float64), ref.zero_point.astype(np.float64), qmin, qmin + 2**bits - 1
+    return scale, np.rint(-lo / scale) + qmin, qmin, qmin + levels
 
 
 def gptq_quantize(weights: np.ndarray, second: np.ndarray, bits: int, *, symmetric: bool = True,
@@ -122,6 +116,8 @@ def gptq_quantize(weights: np.ndarray, second: np.ndarray, bits: int, *, symmetr
     QuantizedTensor
         Same grid as ``quantize_per_channel(weights, bits, symmetric=symmetric)``.
     """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in [2, 8], got {bits}")
     w0 = np.asarray(weights, np.float64)
     rows = w0.reshape(w0.shape[0], -1)
     d = rows.shape[1]
@@ -129,6 +125,7 @@ def gptq_quantize(weights: np.ndarray, second: np.ndarray, bits: int, *, symmetr
     if h.shape != (d, d):
         raise ValueError(f"second moment of shape {h.shape} for filters of {d} entries")
     scale, zp, qmin, qmax = _grid(rows, bits, symmetric)
+    scale = scale.astype(np.float32).astype(np.float64)  # the stored step: rounding matches dequantization
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     w = rows.copy()

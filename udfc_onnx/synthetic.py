@@ -372,7 +372,7 @@ def rounds_with_gptq_alone(config) -> bool:
     and the pass costs 13-20 s against 0.3 s.
     """
     bits = config.weight_bits
-    return config.weight_rounding == "gptq" and bits is not None and bits < GPTQ_ALONE_BELOW_BITS
+    return config.uses_gptq and bits is not None and bits < GPTQ_ALONE_BELOW_BITS
 
 
 def _synthetic_inputs(folded: onnx.ModelProto, stats: Mapping[str, BNStats], samples: int, config,
