@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.graphs import conv_chain
 from udfc_onnx.cli import main
+from udfc_onnx.lazy import has_lazy, read_lazy
 
 
 class Case:
@@ -103,6 +104,21 @@ def test_fails_onnx_checker(case, tmp_path):
     w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     model = _tiny([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["undefined"], ["y"])], [w])
     case.run(_save(tmp_path, "unchecked.onnx", model), message="fails onnx.checker")
+
+
+
+@pytest.mark.parametrize("fault", ["undefined input", "shapes disagree"])
+def test_fails_onnx_checker_with_weights_left_in_the_file(case, tmp_path, fault):
+    # A weight above udfc_onnx.lazy.LAZY_MIN_BYTES is not read for the checker (it checks a copy
+    # that points at a stub): the rest of the model must still be checked in full.
+    w = numpy_helper.from_array(np.ones((1024, 3, 3, 3), np.float32), "w")
+    w2 = numpy_helper.from_array(np.ones((4, 1024, 1, 1), np.float32), "w2")
+    second = "undefined" if fault == "undefined input" else "c"
+    model = _tiny([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Conv", [second, "w2"], ["y"])],
+                  [w, w2], out_shape=(1, 4, 6, 6) if fault == "undefined input" else (1, 4, 7, 7))
+    path = _save(tmp_path, "unchecked.onnx", model)
+    assert has_lazy(read_lazy(path))
+    case.run(path, message="fails onnx.checker")
 
 
 def test_opset_below_11(case, tmp_path):

@@ -1,4 +1,8 @@
 """The compressor's fast and memory-saving paths give what the plain ones give (issue 5: speed and peak memory)."""
+import dataclasses
+import platform
+import threading
+
 import numpy as np
 import onnx
 import pytest
@@ -201,3 +205,137 @@ def test_solve_in_the_callers_dict_equals_a_solve_on_a_copy(settings):
     assert set(consumed.quantized) == set(plain.quantized)
     for name, qt in consumed.quantized.items():
         np.testing.assert_array_equal(qt.q, plain.quantized[name].q)
+
+
+# --- units solved on two threads (compensate._run_in_order)
+
+def _arch(name):
+    from models.builders import build_densenet, build_mobilenetv2, build_resnet50
+
+    if name == "resnet50":  # bottleneck chains, residual groups, a Gemm head
+        return build_resnet50(width=0.25, input_size=32, calib_images=2, seed=3)
+    if name == "densenet":  # Concat groups: they run alone, between the plain units
+        return build_densenet(blocks=(3, 3), growth=8, input_size=16, calib_images=2, seed=3)
+    return build_mobilenetv2(width=0.35, input_size=32, calib_images=2, seed=3)  # depthwise groups
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "densenet", "mobilenetv2"])
+@pytest.mark.parametrize("settings", [dict(prune_ratio=0.4, weight_bits=8, regression="moments"),
+                                      dict(prune_ratio=0.3, weight_bits=4, regression="euclidean", activations="uint8"),
+                                      dict(prune_ratio=0.3, weight_bits=None, method="nm")])
+def test_units_solved_on_two_threads_give_the_sequential_result(arch, settings, monkeypatch):
+    from udfc_onnx import CompressConfig, compress_model
+
+    model = _arch(arch)
+    runs = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv("UDFC_SOLVE_THREADS", threads)
+        result = compress_model(model, CompressConfig(**settings))
+        runs.append((result.model.SerializeToString(), [dataclasses.asdict(u) for u in result.solution.units],
+                     list(result.solution.quantized)))
+    assert runs[0][1], "nothing was pruned: the test would show nothing"
+    assert runs[0] == runs[1]  # bit for bit, records and quantization order included
+
+
+def test_tasks_wait_for_earlier_tasks_that_share_a_name_and_no_others():
+    from udfc_onnx.compensate import Solution, _run_in_order
+
+    first_may_finish = threading.Event()
+    log = []
+
+    def task(label, wait_for=None, set_after=None):
+        def fn(part):
+            if wait_for is not None:
+                assert wait_for.wait(timeout=10), f"{label} was made to wait for a task it does not share a name with"
+            log.append(label)
+            if set_after is not None:
+                set_after.set()
+            return label
+        return fn
+
+    tasks = [(frozenset({"a"}), task("A", wait_for=first_may_finish)),  # blocks until C runs
+             (frozenset({"a", "b"}), task("B")),  # after A (shares "a"), without holding a thread meanwhile
+             (frozenset({"c"}), task("C", set_after=first_may_finish)),  # free to run beside A
+             (None, task("G")),  # a group: after all of the above
+             (frozenset({"c"}), task("D"))]  # after the group
+    parts: list = []
+    assert _run_in_order(tasks, Solution(), 2, parts, 2) == ["A", "B", "C", "G", "D"]
+    assert len(parts) == 2
+    assert log.index("C") < log.index("A") < log.index("B") < log.index("G") < log.index("D")
+
+
+def test_a_failed_task_stops_the_tasks_after_it_and_is_the_error_raised():
+    from udfc_onnx.compensate import Solution, _run_in_order
+    from udfc_onnx.errors import SolverError
+
+    ran = []
+
+    def fail(part):
+        raise SolverError("unit 0 failed")
+
+    def later(label):
+        def fn(part):
+            ran.append(label)
+        return fn
+
+    tasks = [(frozenset({"a"}), fail), (frozenset({"a"}), later("depends")), (frozenset({"z"}), later("independent"))]
+    with pytest.raises(SolverError, match="unit 0 failed"):
+        _run_in_order(tasks, Solution(), 2, [], 0)
+    assert "depends" not in ran
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("0", 1), ("", None)])
+def test_solve_threads_from_the_environment(value, expected, monkeypatch):
+    from udfc_onnx.compensate import solve_threads
+
+    monkeypatch.setenv("UDFC_SOLVE_THREADS", value)
+    got = solve_threads()
+    assert got == expected if expected is not None else 1 <= got <= 2
+
+
+def test_solve_threads_refuses_a_non_number(monkeypatch):
+    from udfc_onnx.compensate import solve_threads
+    from udfc_onnx.errors import InvalidConfigError
+
+    monkeypatch.setenv("UDFC_SOLVE_THREADS", "two")
+    with pytest.raises(InvalidConfigError, match="UDFC_SOLVE_THREADS must be a whole number"):
+        solve_threads()
+
+
+@pytest.mark.parametrize("rows, per_row", [(1, 10), (5, 1 << 20), (1000, 300), (7, 0)])
+def test_row_blocks_cover_every_row_once(rows, per_row):
+    blocks = solve.row_blocks(rows, per_row)
+    assert np.concatenate([np.arange(rows)[b] for b in blocks]).tolist() == list(range(rows))
+
+
+def test_float32_compensation_is_the_float64_result_rounded_once(rng):
+    consumer = rng.standard_normal((700, 48, 9)).astype(np.float32)  # several row blocks
+    keep = np.sort(rng.choice(48, 30, replace=False))
+    coef = rng.standard_normal((30, 18)) * 50  # large coefficients: float32 sums would drift
+    wide = solve.apply_compensation(consumer, keep, coef)
+    narrow = solve.apply_compensation(consumer, keep, coef, dtype=np.float32)
+    assert wide.dtype == np.float64 and narrow.dtype == np.float32
+    np.testing.assert_array_equal(narrow, wide.astype(np.float32))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantizing_float32_weights_equals_quantizing_them_as_float64(rng, symmetric):
+    from udfc_onnx.quant import quantize_per_channel
+
+    w = (rng.standard_normal((64, 32, 3, 3)) * rng.uniform(0.01, 3, (64, 1, 1, 1))).astype(np.float32)
+    for bits in (2, 4, 8):
+        a = quantize_per_channel(w, bits, symmetric=symmetric)
+        b = quantize_per_channel(w.astype(np.float64), bits, symmetric=symmetric)
+        assert a.scale.dtype == b.scale.dtype and a.zero_point.dtype == b.zero_point.dtype
+        np.testing.assert_array_equal(a.q, b.q)
+        np.testing.assert_array_equal(a.scale, b.scale)
+        np.testing.assert_array_equal(a.zero_point, b.zero_point)
+
+
+def test_one_malloc_arena_is_set_where_there_is_glibc():
+    import ctypes.util
+
+    from udfc_onnx.resources import share_one_malloc_arena
+
+    assert share_one_malloc_arena() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+                                        and ctypes.util.find_library("c") is not None)

@@ -28,18 +28,21 @@ plain-Conv consumer by a least-squares refit of its whole kept input slice over 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import os
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .config import CompressConfig
-from .errors import SolverError
+from .errors import InvalidConfigError, SolverError
 from .activation_means import activation_mean
 from .moments import LayerInput, patch_covariance
 from .plan import Plan, UnitPlan
 from .quant import QuantizedTensor, gptq_quantize, quantize_per_channel
-from .solve import (apply_compensation, bn_row_scales, consumer_gram, equalization_scales, filter_second_moments,
+from .solve import (apply_compensation, bn_row_scales, row_blocks, consumer_gram, equalization_scales, filter_second_moments,
                     mean_residual_bias,
                     neuron_merging_coefficients, relu_mean, select_keep_greedy, solve_moment_coefficients,
                     solve_prune_coefficients, solve_quant_scales)
@@ -225,7 +228,7 @@ def _moment_setup(prod: Layer, W: np.ndarray, b: np.ndarray, st: BNStats | None,
         if W.shape[1] != li.cov.shape[0]:
             return None
         patch_cov, patch_mean = li.cov, mean_in
-    flat = W.reshape(W.shape[0], -1)
+    flat = W.reshape(W.shape[0], -1).astype(np.float64, copy=False)
     if st is not None:
         sd, mean = np.abs(st.gamma), st.beta.astype(np.float64)
     else:
@@ -317,7 +320,8 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
     unit = up.unit
     prod = layers[unit.producer]
     keep = np.asarray(up.keep, np.int64)
-    W = prod.out_major(arrays[prod.weight]).astype(np.float64)
+    # The stored weights (float32): float64 rows are taken where they are used, not one copy of all.
+    W = prod.out_major(arrays[prod.weight])
     b = arrays[prod.bias].astype(np.float64)
     C = W.shape[0]
     udfc = config.method == "udfc"
@@ -351,14 +355,14 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
         selection = "greedy"
     elif udfc and greedy and moments is not None and len(keep) < C:
         patch_cov, _, scale, mean = moments
-        flat = W.reshape(C, -1)
+        flat = W.reshape(C, -1).astype(np.float64)
         second = filter_second_moments(flat, flat, patch_cov, scale, scale, mean, mean, mean_weight=config.mean_weight)
         gram = sum(consumer_gram(v) for v in views.values())
         keep = select_keep_greedy(second, gram, len(keep))
         selection = "greedy"
     drop = np.setdiff1d(np.arange(C), keep)
 
-    kept_filters = W[keep]
+    kept_filters = W[keep].astype(np.float64)
     kept_bias = b[keep]
     next_scale = None
     bits = layer_bits_for(prod.name, config, overrides)
@@ -392,7 +396,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
             rows_k = kept_filters.reshape(len(keep), -1)
             # the kept channels' mean as the (possibly quantized and corrected) layer computes it
             mean_k = mean[keep] + (rows_k - W[keep].reshape(len(keep), -1)) @ patch_mean + (kept_bias - b[keep])
-            rows_p = W[drop].reshape(len(drop), -1)
+            rows_p = W[drop].reshape(len(drop), -1).astype(np.float64)
             s_kk = filter_second_moments(rows_k, rows_k, patch_cov, scale[keep], scale[keep], mean_k, mean_k,
                                          mean_weight=config.mean_weight)
             s_kp = filter_second_moments(rows_k, rows_p, patch_cov, scale[keep], scale[drop], mean_k, mean[drop],
@@ -447,23 +451,32 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
             if next_scale is not None:
                 new_sub = new_sub * next_scale[None, :, None]
         elif config.regress_on_quantized or next_scale is None:
-            new_sub = apply_compensation(sub, keep, coef, next_scale)
+            new_sub = apply_compensation(sub, keep, coef, next_scale, dtype=w2.dtype)
         else:  # spec 4 variant (b): coefficients on float filters, whole slice rescaled
             new_sub = apply_compensation(sub, keep, coef) * next_scale[None, :, None]
         if (transfer or refit) and patch is None:
             # taps that read zero padding on a small map carry no mean (issue 4: ConsumerSlice.taps)
-            weighted = sub * np.asarray(cs.taps, np.float64)[None, None, :] if cs.taps else sub
-            if refit:  # the regression's constant, E[A_orig] - coef^T E[A_kept]: part of the refit
-                delta = weighted.sum(axis=2).astype(np.float64) @ (act.target_mean - coef.T @ act.mean[keep])
+            # (O, C) tap sums: all the bias needs, summed once (in row blocks: no slice-sized float64 copy)
+            if cs.taps:
+                taps = np.asarray(cs.taps, np.float64)[None, None, :]
+                tap_sums = np.concatenate([(sub[rows] * taps).sum(axis=2)
+                                           for rows in row_blocks(sub.shape[0], sub.shape[1] * sub.shape[2])])
             else:
-                delta = mean_residual_bias(weighted, keep, coef, act_mean)
+                tap_sums = sub.sum(axis=2)
+            if refit:  # the regression's constant, E[A_orig] - coef^T E[A_kept]: part of the refit
+                delta = tap_sums.astype(np.float64) @ (act.target_mean - coef.T @ act.mean[keep])
+            else:
+                delta = mean_residual_bias(tap_sums[:, :, None], keep, coef, act_mean)
             arrays[cons.bias] = (arrays[cons.bias].astype(np.float64) + delta).astype(arrays[cons.bias].dtype)
-        new_full = np.concatenate([full[:, :cs.offset], new_sub, full[:, cs.offset + C:]], axis=1)
-        arrays[cons.weight] = _from_consumer_view(cons, new_full, w2).astype(w2.dtype)
+        if cs.offset == 0 and full.shape[1] == C:  # the unit feeds the whole input: nothing to splice
+            new_full = new_sub
+        else:
+            new_full = np.concatenate([full[:, :cs.offset], new_sub, full[:, cs.offset + C:]], axis=1, dtype=w2.dtype)
+        arrays[cons.weight] = _from_consumer_view(cons, new_full, w2).astype(w2.dtype, copy=False)
         if inputs is not None and cs.node in inputs:
             inputs[cs.node] = _slice_input(inputs[cs.node], cs, C, keep)
 
-    arrays[prod.weight] = prod.stored(W[keep]).astype(arrays[prod.weight].dtype)
+    arrays[prod.weight] = prod.stored(W[keep]).astype(arrays[prod.weight].dtype, copy=False)
     arrays[prod.bias] = kept_bias_stored  # the object the patch moments used: the sampler's cache stays valid
     if hasattr(activation_moments, "record"):
         activation_moments.record(prod.name, keep)
@@ -523,34 +536,57 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
     inputs = dict(layer_inputs or {})  # sliced as producers lose channels
     index = ChannelIndex()
 
+    def quantize_one(name: str, into: Solution, done: Callable[[str], bool]) -> None:
+        """Quantize layer ``name`` into ``into`` unless ``done(weight)`` (a unit quantized it as a producer)."""
+        layer = layers[name]
+        bits = layer_bits_for(layer.name, config, overrides)
+        if bits is not None and not done(layer.weight):
+            w = layer.out_major(work[layer.weight])  # as stored: the quantizers read float32 without a float64 copy
+            second = _input_second(layer, config, work, layers, solution, activation_moments)
+            qt, bias_delta = _quantize_layer(layer, w, config, bits, inputs.get(layer.name), second)
+            into.quantized[layer.weight] = qt
+            if bias_delta is not None:
+                work[layer.bias] = (work[layer.bias].astype(np.float64) + bias_delta).astype(work[layer.bias].dtype)
+
     def quantize_rest(names) -> None:
         for name in names:
-            layer = layers[name]
-            bits = layer_bits_for(layer.name, config, overrides)
-            if bits is not None and layer.weight not in solution.quantized:
-                w = layer.out_major(work[layer.weight]).astype(np.float64)
-                second = _input_second(layer, config, work, layers, solution, activation_moments)
-                qt, bias_delta = _quantize_layer(layer, w, config, bits, inputs.get(layer.name), second)
-                solution.quantized[layer.weight] = qt
-                if bias_delta is not None:
-                    work[layer.bias] = (work[layer.bias].astype(np.float64) + bias_delta).astype(work[layer.bias].dtype)
+            quantize_one(name, solution, solution.quantized.__contains__)
 
-    # The sequential sampler fits each unit on the network as it will run: a layer is quantized as
-    # soon as no later unit changes it (same result as quantizing it at the end, seen earlier).
-    last_touch: dict[str, int] = {}
-    if hasattr(activation_moments, "moments"):
+    def solve_one(up: UnitPlan, into: Solution) -> UnitPlan:
+        return solve_planned_unit(up, work, layers, stats, raw_filters, config, into, index,
+                                  overrides=overrides, inputs=inputs, activation_moments=activation_moments)
+
+    workers = solve_threads()
+    if activation_moments is None and workers > 1 and len(plan.units) + len(layers) > 1:
+        # Units, then the quantization of every layer, each after the earlier units that touch it.
+        tasks: list[tuple[frozenset | None, Callable[[Solution], object]]] = [
+            (_footprint(up, layers), lambda into, up=up: solve_one(up, into)) for up in plan.units]
+        unit_parts: list[Solution] = []
+
+        def quantized_by_a_unit(weight: str) -> bool:
+            return any(weight in part.quantized for part in unit_parts)
+
+        for name, layer in layers.items():
+            tasks.append((frozenset({name, layer.weight, layer.bias}),
+                          lambda into, name=name: quantize_one(name, into, quantized_by_a_unit)))
+        results = _run_in_order(tasks, solution, workers, unit_parts, len(plan.units))
+        plan.units = results[:len(plan.units)]
+    else:
+        # The sequential sampler fits each unit on the network as it will run: a layer is quantized as
+        # soon as no later unit changes it (same result as quantizing it at the end, seen earlier).
+        last_touch: dict[str, int] = {}
+        if hasattr(activation_moments, "moments"):
+            for i, up in enumerate(plan.units):
+                for name in (*up.unit.all_producers, *(c.node for c in up.unit.consumers), *(m.node for m in up.unit.members)):
+                    last_touch[name] = i
+            quantize_rest([name for name in layers if name not in last_touch])
+        solved = []
         for i, up in enumerate(plan.units):
-            for name in (*up.unit.all_producers, *(c.node for c in up.unit.consumers), *(m.node for m in up.unit.members)):
-                last_touch[name] = i
-        quantize_rest([name for name in layers if name not in last_touch])
-    solved = []
-    for i, up in enumerate(plan.units):
-        solved.append(solve_planned_unit(up, work, layers, stats, raw_filters, config, solution, index,
-                                         overrides=overrides, inputs=inputs, activation_moments=activation_moments))
-        if last_touch:
-            quantize_rest([name for name, last in last_touch.items() if last == i and name in layers])
-    plan.units = solved
-    quantize_rest(list(layers))
+            solved.append(solve_one(up, solution))
+            if last_touch:
+                quantize_rest([name for name, last in last_touch.items() if last == i and name in layers])
+        plan.units = solved
+        quantize_rest(list(layers))
     if consume:
         solution.arrays = {k: work[k] for k in work.replaced}
         arrays.update(work)
@@ -559,6 +595,111 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
                            if v is not arrays[k] and (v.shape != arrays[k].shape or not np.array_equal(v, arrays[k]))}
     return solution
 
+
+
+#: Environment variable: threads that solve independent units at once (default: the CPUs this
+#: process may use, at most 2; 1 solves them one after another).
+SOLVE_THREADS_ENV = "UDFC_SOLVE_THREADS"
+_MAX_DEFAULT_SOLVE_THREADS = 2
+
+
+def solve_threads() -> int:
+    """Threads for :func:`_run_in_order`: ``UDFC_SOLVE_THREADS``, else min(2, usable CPUs)."""
+    value = os.environ.get(SOLVE_THREADS_ENV, "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise InvalidConfigError(f"{SOLVE_THREADS_ENV} must be a whole number, got {value!r}") from None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(_MAX_DEFAULT_SOLVE_THREADS, cpus))
+
+
+def _footprint(up: UnitPlan, layers: Mapping[str, Layer]) -> frozenset[str] | None:
+    """Names a plain unit's solve reads or writes: its layers (the ``inputs`` and index keys) and
+    their weights and biases. None for a group: it may reach further, so it runs alone."""
+    unit = up.unit
+    if not unit.is_simple:
+        return None
+    names = {unit.producer, *(c.node for c in unit.consumers)}
+    arrays = {a for n in names if n in layers for a in (layers[n].weight, layers[n].bias)}
+    return frozenset(names | arrays)
+
+
+def _run_in_order(tasks: list[tuple[frozenset | None, Callable[[Solution], object]]], solution: Solution,
+                  workers: int, first_parts: list[Solution], n_first: int) -> list:
+    """Run ``tasks`` on ``workers`` threads, each after every earlier task it shares a name with.
+
+    A task is ``(footprint, fn)``: ``fn(part)`` solves or quantizes into a Solution of its own, and
+    ``footprint`` names the layers and arrays it reads or writes (None: it may reach anything, so
+    it runs alone, after all earlier tasks and before all later ones). Units of different blocks
+    touch different arrays (ResNet-50: the two units of each bottleneck form a chain, the blocks
+    are independent), and NumPy's BLAS, LAPACK and copies release the GIL, so two cores solve two
+    blocks at once. A task sees exactly the arrays it would see in order, so the result is the same
+    bit for bit; the parts are merged into ``solution`` in task order. The parts of the first
+    ``n_first`` tasks are also appended to ``first_parts`` as they are made (a later task may look
+    at them once the tasks it waits for are done).
+
+    Returns the tasks' results in order; raises the first failure in task order.
+    """
+    waits: list[list[int]] = []  # indices of the earlier tasks each one waits for
+    last_user: dict[str, int] = {}  # name -> the latest task that touches it
+    barrier: int | None = None  # the latest task without a footprint
+    since_barrier: list[int] = []
+    for i, (footprint, _) in enumerate(tasks):
+        if footprint is None:
+            before = since_barrier + ([barrier] if barrier is not None else [])
+            barrier, since_barrier, last_user = i, [], {}
+        else:
+            before = sorted({last_user[n] for n in footprint if n in last_user}
+                            | ({barrier} if barrier is not None else set()))
+            since_barrier.append(i)
+            last_user.update({n: i for n in footprint})
+        waits.append(before)
+    parts = [Solution() for _ in tasks]
+    first_parts.extend(parts[:n_first])
+    done: list[Future] = [Future() for _ in tasks]
+    pending = [len(w) for w in waits]
+    dependents: list[list[int]] = [[] for _ in tasks]
+    for i, before in enumerate(waits):
+        for j in before:
+            dependents[j].append(i)
+    lock = threading.Lock()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="udfc-solve")
+
+    def execute(i: int) -> None:
+        # A task is handed to the pool only once the tasks it waits for are done, so no worker
+        # sits blocked; one that waits for a failed task fails with that task's error, unrun.
+        failed = next((done[j].exception() for j in waits[i] if done[j].exception() is not None), None)
+        try:
+            if failed is not None:
+                raise failed
+            done[i].set_result(tasks[i][1](parts[i]))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            done[i].set_exception(exc)
+        for k in dependents[i]:
+            with lock:
+                pending[k] -= 1
+                ready = pending[k] == 0
+            if ready:
+                pool.submit(execute, k)
+
+    try:
+        for i in range(len(tasks)):
+            if not waits[i]:
+                pool.submit(execute, i)
+        results = [f.result() for f in done]  # in task order: the first failure is the one raised
+    finally:
+        for f in done:  # every task ends (run, or failed with what it waited for) before the pool goes
+            f.exception()
+        pool.shutdown(wait=True)
+    for part in parts:
+        solution.quantized.update(part.quantized)
+        solution.units.extend(part.units)
+    return results
 
 class _RecordingDict(dict):
     """A dict that remembers which existing keys were given a new value (``solve_plan(consume=True)``)."""

@@ -62,10 +62,12 @@ def quantize_per_channel(weights: np.ndarray, bits: int, *, symmetric: bool = Tr
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in [2, 8], got {bits}")
-    w = np.asarray(weights, np.float64)
+    w = np.asarray(weights)
+    if w.dtype not in (np.float32, np.float64):
+        w = w.astype(np.float64)
     shape = (-1,) + (1,) * (w.ndim - 1)
     scale, zp, qmin, qmax = _grid(w.reshape(w.shape[0], -1), bits, symmetric)
-    q = w / scale.reshape(shape)
+    q = w / scale.reshape(shape)  # float64 (the scale is), from float32 weights without a float64 copy of them
     np.rint(q, out=q)  # in place from here: fewer passes over the largest weights
     q += zp.reshape(shape)
     np.clip(q, qmin, qmax, out=q)
@@ -78,13 +80,14 @@ def _grid(flat: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.
     Symmetric: zero point 0, levels in [-(2**(b-1)-1), 2**(b-1)-1]. Asymmetric: 2**b levels over
     [min, max] widened to include 0, so that the zero point is an integer.
     """
+    # Extremes of float32 rows are exact in float64: the grid is the same for either input.
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        amax = np.abs(flat).max(axis=1)
+        amax = np.abs(flat).max(axis=1).astype(np.float64)
         return np.where(amax > 0, amax / qmax, 1.0), np.zeros(flat.shape[0]), -qmax, qmax
     levels = 2**bits - 1
-    lo = np.minimum(flat.min(axis=1), 0.0)
-    hi = np.maximum(flat.max(axis=1), 0.0)
+    lo = np.minimum(flat.min(axis=1).astype(np.float64), 0.0)
+    hi = np.maximum(flat.max(axis=1).astype(np.float64), 0.0)
     scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
     qmin = -(2 ** (bits - 1))
     return scale, np.rint(-lo / scale) + qmin, qmin, qmin + levels

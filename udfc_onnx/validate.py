@@ -17,7 +17,7 @@ import onnxruntime as ort
 from .errors import InvalidConfigError, UnsupportedModelError, first_line
 from .lazy import materialized
 
-__all__ = ["ValidationResult", "Reference", "run_reference", "parse_input_shapes", "resolve_input_shapes", "input_shapes", "random_inputs",
+__all__ = ["ValidationResult", "Reference", "open_reference", "run_reference", "parse_input_shapes", "resolve_input_shapes", "input_shapes", "random_inputs",
            "run_model", "session", "validate_file", "count_fused_convs", "MAX_FEED_ELEMENTS"]
 
 # ORT logs failures itself (to the process's stderr, in colour) before raising them; every failure
@@ -223,11 +223,32 @@ def _stack(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
     return [np.concatenate([r[i] for r in runs]) if runs[0][i].ndim else runs[0][i] for i in range(len(runs[0]))]
 
 
+def open_reference(reference: onnx.ModelProto | str) -> ort.InferenceSession:
+    """The ORT session :func:`run_reference` runs: the original model (a ModelProto or its path), unoptimised.
+
+    Unoptimised: the plain float graph is the most faithful reference, and the optimiser's
+    relaid-out copies of every weight (NCHWc) would nearly double the session's memory
+    (ResNet-50: 160 MB instead of 300 MB above the process, and no slower to build and run once).
+
+    Raises
+    ------
+    UnsupportedModelError
+        onnxruntime cannot load the input.
+    """
+    try:
+        return session(reference, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    except Exception as exc:
+        raise UnsupportedModelError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
+
+
 def run_reference(reference: onnx.ModelProto, *, n_samples: int, seed: int = 0,
-                  shape_overrides: dict[str, list[int]] | None = None, reference_path: str | None = None) -> Reference:
+                  shape_overrides: dict[str, list[int]] | None = None, reference_path: str | None = None,
+                  opened: ort.InferenceSession | None = None) -> Reference:
     """Open and run the original model on random inputs, before anything is compressed.
 
     A symbolic batch carries every sample in one run; a fixed batch is run as often as needed.
+    ``opened`` is the session of :func:`open_reference` when the caller opened it already;
+    otherwise it is opened here from ``reference_path`` (or ``reference``).
 
     Raises
     ------
@@ -235,13 +256,7 @@ def run_reference(reference: onnx.ModelProto, *, n_samples: int, seed: int = 0,
         onnxruntime cannot load or run the input, or its outputs are not finite (then random
         inputs are no test of it): a problem of the input, found before any work.
     """
-    try:
-        # Unoptimised: the plain float graph is the most faithful reference, and the optimiser's
-        # relaid-out copies of every weight (NCHWc) would nearly double the session's memory
-        # (ResNet-50: 160 MB instead of 300 MB above the process, and no slower to build and run once).
-        ref = session(reference_path or reference, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    except Exception as exc:
-        raise UnsupportedModelError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
+    ref = opened if opened is not None else open_reference(reference_path or reference)
     if n_samples <= 0:
         return Reference([], [], 0)
     rng = np.random.default_rng(seed)
