@@ -268,3 +268,23 @@ def test_input_scale_is_read_from_the_first_bn(tmp_path, rng):
     result = compress_model(model, CompressConfig(**W8A8))
     x = (100 * rng.standard_normal((4, 3, 32, 32))).astype(np.float32)
     assert cosine(run(result.model, x), run(model, x)) > 0.99
+
+
+@pytest.mark.parametrize("options", [["--activations", "uint8"], []])  # full int8, and weight-only (warned)
+def test_the_reported_fusion_is_what_a_separate_session_finds(tmp_path, options):
+    # compress_file counts from the graph its validation session saved (ORT's default level);
+    # check_fusion builds its own session at the extended level: the counts must agree.
+    import json
+
+    src = tmp_path / "res.onnx"
+    onnx.save(build_residual_block(), src)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out, report = out_dir / "m.onnx", tmp_path / "r.json"
+    assert main([str(src), str(out), "--weight-bits", "8", "--report", str(report), "-q", *options]) == 0
+    fusion = json.loads(report.read_text())["fusion"]
+    separate = check_fusion(out)
+    assert (fusion["convs"], fusion["fused_convs"], fusion["float_weight_dq"]) == \
+        (separate.convs, separate.fused_convs, separate.float_weight_dq)
+    assert fusion["fused_convs"] == (separate.convs if options else 0)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.onnx"]  # ORT's optimised copy is not left behind

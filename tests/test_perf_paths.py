@@ -229,7 +229,7 @@ def test_units_solved_on_two_threads_give_the_sequential_result(arch, settings, 
     model = _arch(arch)
     runs = []
     for threads in ("1", "2"):
-        monkeypatch.setenv("UDFC_SOLVE_THREADS", threads)
+        monkeypatch.setenv("UDFC_THREADS", threads)
         result = compress_model(model, CompressConfig(**settings))
         runs.append((result.model.SerializeToString(), [dataclasses.asdict(u) for u in result.solution.units],
                      list(result.solution.quantized)))
@@ -285,21 +285,37 @@ def test_a_failed_task_stops_the_tasks_after_it_and_is_the_error_raised():
 
 
 @pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("0", 1), ("", None)])
-def test_solve_threads_from_the_environment(value, expected, monkeypatch):
-    from udfc_onnx.compensate import solve_threads
+def test_worker_threads_from_the_environment(value, expected, monkeypatch):
+    from udfc_onnx.resources import worker_threads
 
-    monkeypatch.setenv("UDFC_SOLVE_THREADS", value)
-    got = solve_threads()
+    monkeypatch.setenv("UDFC_THREADS", value)
+    got = worker_threads()
     assert got == expected if expected is not None else 1 <= got <= 2
 
 
-def test_solve_threads_refuses_a_non_number(monkeypatch):
-    from udfc_onnx.compensate import solve_threads
+def test_worker_threads_refuse_a_non_number(monkeypatch, tmp_path, capsys):
+    from udfc_onnx.cli import main
     from udfc_onnx.errors import InvalidConfigError
+    from udfc_onnx.resources import worker_threads
 
-    monkeypatch.setenv("UDFC_SOLVE_THREADS", "two")
-    with pytest.raises(InvalidConfigError, match="UDFC_SOLVE_THREADS must be a whole number"):
-        solve_threads()
+    monkeypatch.setenv("UDFC_THREADS", "two")
+    with pytest.raises(InvalidConfigError, match="UDFC_THREADS must be a whole number"):
+        worker_threads()
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_chain(seed=2, spatial=8), src)
+    assert main([str(src), str(tmp_path / "o.onnx"), "--prune-ratio", "0.3", "--regression", "moments"]) == 2
+    assert capsys.readouterr().err.strip().endswith("UDFC_THREADS must be a whole number, got 'two'")
+
+
+@pytest.mark.parametrize("n", [0, 5, (1 << 15) - 1, 3 * (1 << 15) + 7])
+def test_elementwise_in_threads_gives_the_one_call_result(n, monkeypatch):
+    from udfc_onnx.moments import _phi2_integral
+    from udfc_onnx.resources import elementwise_in_threads
+
+    monkeypatch.setenv("UDFC_THREADS", "2")
+    rng = np.random.default_rng(n)
+    a, b, rho = rng.standard_normal(n), rng.standard_normal(n), rng.uniform(-0.95, 0.95, n)
+    np.testing.assert_array_equal(elementwise_in_threads(_phi2_integral, a, b, rho), _phi2_integral(a, b, rho))
 
 
 @pytest.mark.parametrize("rows, per_row", [(1, 10), (5, 1 << 20), (1000, 300), (7, 0)])

@@ -37,10 +37,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .config import CompressConfig
-from .errors import InvalidConfigError, SolverError
+from .errors import SolverError
 from .activation_means import activation_mean
 from .moments import LayerInput, patch_covariance
 from .plan import Plan, UnitPlan
+from .resources import worker_threads
 from .quant import QuantizedTensor, gptq_quantize, quantize_per_channel
 from .solve import (apply_compensation, bn_row_scales, row_blocks, consumer_gram, equalization_scales, filter_second_moments,
                     mean_residual_bias,
@@ -556,7 +557,7 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
         return solve_planned_unit(up, work, layers, stats, raw_filters, config, into, index,
                                   overrides=overrides, inputs=inputs, activation_moments=activation_moments)
 
-    workers = solve_threads()
+    workers = worker_threads()
     if activation_moments is None and workers > 1 and len(plan.units) + len(layers) > 1:
         # Units, then the quantization of every layer, each after the earlier units that touch it.
         tasks: list[tuple[frozenset | None, Callable[[Solution], object]]] = [
@@ -595,27 +596,6 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
                            if v is not arrays[k] and (v.shape != arrays[k].shape or not np.array_equal(v, arrays[k]))}
     return solution
 
-
-
-#: Environment variable: threads that solve independent units at once (default: the CPUs this
-#: process may use, at most 2; 1 solves them one after another).
-SOLVE_THREADS_ENV = "UDFC_SOLVE_THREADS"
-_MAX_DEFAULT_SOLVE_THREADS = 2
-
-
-def solve_threads() -> int:
-    """Threads for :func:`_run_in_order`: ``UDFC_SOLVE_THREADS``, else min(2, usable CPUs)."""
-    value = os.environ.get(SOLVE_THREADS_ENV, "").strip()
-    if value:
-        try:
-            return max(1, int(value))
-        except ValueError:
-            raise InvalidConfigError(f"{SOLVE_THREADS_ENV} must be a whole number, got {value!r}") from None
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(_MAX_DEFAULT_SOLVE_THREADS, cpus))
 
 
 def _footprint(up: UnitPlan, layers: Mapping[str, Layer]) -> frozenset[str] | None:

@@ -40,7 +40,8 @@ from .quant import QuantizedTensor
 from .stats import BNStats
 
 __all__ = ["Int8Record", "FusionReport", "estimate_dists", "data_free_ranges", "calibrate_ranges",
-           "load_calibration", "emit_int8_qdq", "check_fusion", "INT4_OPSET", "NORMALIZATIONS"]
+           "load_calibration", "emit_int8_qdq", "check_fusion", "fusion_report", "save_optimized_graph", "INT4_OPSET",
+           "NORMALIZATIONS"]
 
 INT4_OPSET = 21
 # Ops whose output is the input's values rearranged: ORT drops their Q/DQ when both share params.
@@ -612,7 +613,7 @@ def _why_float(x: str, view: GraphView, ranges: dict, weight_reason: str) -> str
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class FusionReport:
-    """Counts from ORT's optimised graph of a written model (CPU provider, extended level).
+    """Counts from ORT's optimised graph of a written model (CPU provider; see :func:`fusion_report`).
 
     Attributes
     ----------
@@ -645,37 +646,53 @@ class FusionReport:
                 f"Gemm/MatMul -> int8; int8 kernels: {ops}; unfused Q/DQ on activations: {self.leftover_q}/{self.leftover_dq}")
 
 
-def check_fusion(model_path: str | os.PathLike) -> FusionReport:
-    """Let ORT optimise ``model_path`` on the CPU provider and count what it fused.
+def save_optimized_graph(opts, path: str | os.PathLike) -> None:
+    """Make a session built with ``opts`` write its optimised graph to ``path`` (weights to ``path.data``,
+    so that models above 2 GB can be saved too)."""
+    opts.optimized_model_filepath = str(path)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                  os.path.basename(str(path)) + ".data")
 
-    Warns (in ``FusionReport.warnings``) when the written patterns run slower than float:
-    weight-only QDQ (a DequantizeLinear on a weight feeding a float Conv/Gemm runs on every
-    inference) and INT4 weights (ORT's Conv selector refuses them).
+
+def check_fusion(model_path: str | os.PathLike) -> FusionReport:
+    """Let ORT optimise ``model_path`` on the CPU provider (extended level) and count what it fused.
+
+    See :func:`fusion_report`; this builds the session that writes the optimised graph.
     """
     import onnxruntime as ort
 
-    written = onnx.load(str(model_path), load_external_data=False)
-    report = FusionReport()
-    report.convs = sum(n.op_type == "Conv" for n in written.graph.node)
-    report.gemms = sum(n.op_type in ("Gemm", "MatMul") for n in written.graph.node)
-    int4_storage = any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in written.graph.initializer)
-    del written
     fd, optimized_path = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = optimized_path
-        # Weights go to a side file so that models above 2 GB can be saved too.
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                      os.path.basename(optimized_path) + ".data")
+        save_optimized_graph(opts, optimized_path)
         ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(optimized_path, load_external_data=False)
+        return fusion_report(model_path, optimized_path)
     finally:
         for path in (optimized_path, optimized_path + ".data"):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def fusion_report(model_path: str | os.PathLike, optimized_path: str | os.PathLike) -> FusionReport:
+    """Count what ORT fused: ``optimized_path`` is the graph ORT saved (``optimized_model_filepath``)
+    for the written model at ``model_path``.
+
+    Any level from extended up fuses the QDQ groups (at the default, all, ORT also moves the int8
+    kernels to its NHWC variants, in its own domain: counted alike). Warns (in
+    ``FusionReport.warnings``) when the written patterns run slower than float: weight-only QDQ (a
+    DequantizeLinear on a weight feeding a float Conv/Gemm runs on every inference) and INT4
+    weights (ORT's Conv selector refuses them).
+    """
+    written = onnx.load(str(model_path), load_external_data=False)
+    report = FusionReport()
+    report.convs = sum(n.op_type == "Conv" for n in written.graph.node)
+    report.gemms = sum(n.op_type in ("Gemm", "MatMul") for n in written.graph.node)
+    int4_storage = any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in written.graph.initializer)
+    del written
+    optimized = onnx.load(str(optimized_path), load_external_data=False)
     producers = {o: n for n in optimized.graph.node for o in n.output}
     inits = {t.name for t in optimized.graph.initializer}
     for node in optimized.graph.node:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .resources import elementwise_in_threads
+
 __all__ = [
     "LayerInput",
     "normal_pdf",
@@ -155,10 +157,11 @@ def relu_moments(mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndar
     root = np.sqrt(1 - rho * rho)
     cdf_u_i = normal_cdf((ai - rho * aj) / root)  # Phi(u_j) is its transpose
     q = np.sqrt(np.maximum(ai * ai - 2 * rho * ai * aj + aj * aj, 0.0)) / root
-    # Phi2 is symmetric in (i, j): the quadrature (the cost) runs on the upper triangle only.
+    # Phi2 is symmetric in (i, j): the quadrature (the cost) runs on the upper triangle only, in
+    # slices on two threads (elementwise: the same values).
     upper = np.triu_indices(len(a))
     integral = np.empty_like(rho)
-    integral[upper] = _phi2_integral(a[upper[0]], a[upper[1]], rho[upper])
+    integral[upper] = elementwise_in_threads(_phi2_integral, a[upper[0]], a[upper[1]], rho[upper])
     integral.T[upper] = integral[upper]
     cdf_a = normal_cdf(a)
     phi2 = np.outer(cdf_a, cdf_a) + integral

@@ -30,7 +30,7 @@ from .config import INT8_CHANNEL_MULTIPLE, CompressConfig
 from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names, without_initializer_data
-from .int8 import Int8Record, check_fusion, quantize_activations
+from .int8 import Int8Record, fusion_report, quantize_activations
 from .lazy import lazy_bytes, materialize, tensor_array
 from .load import PROTOBUF_LIMIT, default_opset, read_model, shape_skeleton
 from .moment_graph import estimate_layer_inputs
@@ -417,8 +417,9 @@ def _non_finite_initializer(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def _bytes_in(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+def _output_bytes(staging: Path, out_path: Path) -> int:
+    """Bytes of the staged output: the model and its external data file (not ORT's optimised copy)."""
+    return sum(f.stat().st_size for f in (staging / out_path.name, staging / (out_path.name + ".data")) if f.is_file())
 
 
 def _in_background(fn: Callable, *args) -> Future:
@@ -549,15 +550,17 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
                 notes.append(f"shape inference on the saved file failed: {first_line(exc)}")
         step("validate")
         lossless = not result.solution.quantized and all(u.kept == u.channels for u in result.solution.units)
+        # The validation session saves the graph ORT made of the output, for the fusion count.
+        optimized = str(staging / (dst.name + ".ort.onnx")) if result.solution.quantized else None  # never dst.name
         check = validate_file(None, str(staged), exact=lossless, rtol=options.rtol, atol=options.atol,
-                              expected=expected)
+                              expected=expected, optimized_path=optimized)
         clock.lap("validate (checker, ORT, random inputs)")
         if not check.passed:
             raise ValidationError(f"compressed model failed its check: {check.message}")
         step("measure")
-        after = ModelInfo.collect(result.model, _bytes_in(staging), input_shapes=shapes)
+        after = ModelInfo.collect(result.model, _output_bytes(staging, dst), input_shapes=shapes)
         clock.lap("report (after)")
-        fusion = _check_fusion(staged, result.solution, notes)
+        fusion = _check_fusion(staged, optimized, result.solution, notes)
         after.fused_convs = fusion.get("fused_convs") if fusion else 0
         clock.lap("ORT fusion check")
         _commit(staging, dst)
@@ -607,12 +610,13 @@ def plan_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None, co
                   elapsed_s=time.perf_counter() - start)
 
 
-def _check_fusion(path: Path, solution: Solution, notes: list[str]) -> dict:
-    """What ORT's optimiser fused in the written model (only when weights were quantized)."""
-    if not solution.quantized:
+def _check_fusion(path: Path, optimized: str | None, solution: Solution, notes: list[str]) -> dict:
+    """What ORT's optimiser fused in the written model (only when weights were quantized), read
+    from the graph the validation session saved at ``optimized``."""
+    if not solution.quantized or optimized is None:
         return {}
     try:
-        fusion = check_fusion(path)
+        fusion = fusion_report(path, optimized)
     except Exception as exc:  # the output already passed validation; this is information only
         notes.append(f"ORT fusion check failed: {first_line(exc)}")
         return {}

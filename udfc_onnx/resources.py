@@ -26,8 +26,14 @@ import ctypes.util
 import importlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["limit_blas_threads", "blas_thread_controls", "release_memory", "share_one_malloc_arena", "peak_rss_mb", "DEFAULT_BLAS_THREADS"]
+import numpy as np
+
+from .errors import InvalidConfigError
+
+__all__ = ["limit_blas_threads", "blas_thread_controls", "release_memory", "share_one_malloc_arena", "worker_threads", "elementwise_in_threads",
+           "THREADS_ENV", "peak_rss_mb", "DEFAULT_BLAS_THREADS"]
 
 DEFAULT_BLAS_THREADS = 1
 # Symbol prefixes of OpenBLAS builds: plain, 64-bit-integer, and the one NumPy's wheels bundle.
@@ -137,6 +143,44 @@ def share_one_malloc_arena() -> bool:
     """
     mallopt = _libc_function("mallopt", ctypes.c_int, [ctypes.c_int, ctypes.c_int])
     return mallopt is not None and bool(mallopt(_M_ARENA_MAX, 1))
+
+
+#: Environment variable: threads for the compressor's NumPy work (independent units, large
+#: elementwise passes); default: the CPUs this process may use, at most 2; 1 runs it all in turn.
+THREADS_ENV = "UDFC_THREADS"
+_MAX_DEFAULT_THREADS = 2
+
+
+def worker_threads() -> int:
+    """Threads for NumPy work that releases the GIL: ``UDFC_THREADS``, else min(2, usable CPUs).
+
+    Raises InvalidConfigError for a value that is not a whole number.
+    """
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise InvalidConfigError(f"{THREADS_ENV} must be a whole number, got {value!r}") from None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(_MAX_DEFAULT_THREADS, cpus))
+
+
+def elementwise_in_threads(fn, *arrays, min_size: int = 1 << 14):
+    """``fn(*arrays)`` for an elementwise ``fn`` of equal-length 1-D arrays, in slices on
+    :func:`worker_threads` threads (NumPy's ufuncs release the GIL). Each element is computed as
+    in one call, so the result is the same bit for bit; below ``min_size`` elements, one call."""
+    n = len(arrays[0])
+    threads = min(worker_threads(), max(1, n // min_size))
+    if threads == 1:
+        return fn(*arrays)
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="udfc-elementwise") as pool:
+        parts = list(pool.map(lambda i: fn(*(a[bounds[i]:bounds[i + 1]] for a in arrays)), range(threads)))
+    return np.concatenate(parts)
 
 
 def peak_rss_mb() -> float | None:

@@ -182,13 +182,22 @@ def random_inputs(model: onnx.ModelProto, rng: np.random.Generator, **kwargs) ->
     return feeds
 
 
-def session(model_or_path, providers=("CPUExecutionProvider",), **options) -> ort.InferenceSession:
-    """ORT session from a path or a ModelProto, with default graph optimisation."""
+def session(model_or_path, providers=("CPUExecutionProvider",), *, optimized_path: str | None = None,
+            **options) -> ort.InferenceSession:
+    """ORT session from a path or a ModelProto, with default graph optimisation.
+
+    ``options`` are SessionOptions attributes; ``optimized_path`` makes ORT save the graph it
+    optimised there (see :func:`udfc_onnx.int8.save_optimized_graph`).
+    """
     src = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else materialized(model_or_path).SerializeToString()
     opts = ort.SessionOptions()
     opts.log_severity_level = _ORT_LOG_LEVEL
     for key, value in options.items():
         setattr(opts, key, value)
+    if optimized_path is not None:
+        from .int8 import save_optimized_graph
+
+        save_optimized_graph(opts, optimized_path)
     return ort.InferenceSession(str(src) if isinstance(src, os.PathLike) else src, opts, providers=list(providers))
 
 
@@ -280,7 +289,8 @@ def run_reference(reference: onnx.ModelProto, *, n_samples: int, seed: int = 0,
 def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: bool, rtol: float = 1e-4,
                   atol: float = 1e-4, n_samples: int = 8, seed: int = 0,
                   shape_overrides: dict[str, list[int]] | None = None,
-                  reference_path: str | None = None, expected: Reference | None = None) -> ValidationResult:
+                  reference_path: str | None = None, expected: Reference | None = None,
+                  optimized_path: str | None = None) -> ValidationResult:
     """Check ``candidate_path`` and compare it with ``reference`` on random inputs.
 
     Parameters
@@ -302,6 +312,10 @@ def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: boo
     expected : Reference, optional
         The reference outputs, when :func:`run_reference` ran already (then the arguments above
         that make them are not used).
+    optimized_path : str, optional
+        Where the candidate's session (ORT's default optimisation level) saves the graph it made,
+        for :func:`udfc_onnx.int8.fusion_report`: the graph checked is the graph counted, and no
+        second session of the output is built for the count.
 
     Raises
     ------
@@ -316,7 +330,7 @@ def validate_file(reference: onnx.ModelProto, candidate_path: str, *, exact: boo
     except Exception as exc:
         return ValidationResult(False, f"onnx.checker rejects the output: {first_line(exc)}")
     try:
-        cand = session(candidate_path)
+        cand = session(candidate_path, optimized_path=optimized_path)
     except Exception as exc:
         return ValidationResult(False, f"onnxruntime cannot load the output: {first_line(exc)}")
     if expected.n_samples == 0:
