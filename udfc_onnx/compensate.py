@@ -28,7 +28,6 @@ plain-Conv consumer by a least-squares refit of its whole kept input slice over 
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,12 +40,11 @@ from .errors import SolverError
 from .activation_means import activation_mean
 from .moments import LayerInput, patch_covariance
 from .plan import Plan, UnitPlan
-from .resources import worker_threads
 from .quant import QuantizedTensor, gptq_quantize, quantize_per_channel
-from .solve import (apply_compensation, bn_row_scales, row_blocks, consumer_gram, equalization_scales, filter_second_moments,
-                    mean_residual_bias,
-                    neuron_merging_coefficients, relu_mean, select_keep_greedy, solve_moment_coefficients,
-                    solve_prune_coefficients, solve_quant_scales)
+from .resources import worker_threads
+from .solve import (apply_compensation, bn_row_scales, consumer_gram, equalization_scales, filter_second_moments,
+                    mean_residual_bias, neuron_merging_coefficients, relu_mean, row_blocks, select_keep_greedy,
+                    solve_moment_coefficients, solve_prune_coefficients, solve_quant_scales)
 from .stats import BNStats
 from .units import ConsumerSlice, PruneUnit
 
@@ -597,7 +595,6 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
     return solution
 
 
-
 def _footprint(up: UnitPlan, layers: Mapping[str, Layer]) -> frozenset[str] | None:
     """Names a plain unit's solve reads or writes: its layers (the ``inputs`` and index keys) and
     their weights and biases. None for a group: it may reach further, so it runs alone."""
@@ -680,6 +677,7 @@ def _run_in_order(tasks: list[tuple[frozenset | None, Callable[[Solution], objec
         solution.quantized.update(part.quantized)
         solution.units.extend(part.units)
     return results
+
 
 class _RecordingDict(dict):
     """A dict that remembers which existing keys were given a new value (``solve_plan(consume=True)``)."""
