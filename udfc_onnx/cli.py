@@ -264,7 +264,11 @@ def _single_parser() -> argparse.ArgumentParser:
                             f"  {PROG} batch INPUTS... --out-dir DIR     a model zoo (see batch --help)\n"
                             f"  {PROG} merge-reports SUMMARY.json...     join the summaries of a sharded batch",
                 epilog="exit codes: 0 ok; 1 the output failed its check (nothing written); 2 bad input, options or "
-                       "output path (nothing written); 3 internal error; 130 interrupted")
+                       "output path (nothing written); 3 internal error; 130 interrupted\n\n"
+                       "environment:\n"
+                       "  UDFC_THREADS=N       threads for independent units and large elementwise passes\n"
+                       "                       (default: min(2, CPUs); the output is the same for any N)\n"
+                       "  UDFC_BLAS_THREADS=N  NumPy's BLAS threads during the passes (default 1; 0: as configured)")
     p.add_argument("input", metavar="IN", help="input .onnx model (never modified)")
     p.add_argument("output", metavar="OUT", nargs="?", default=None,
                    help="output .onnx path, written atomically after validation (optional with --dry-run)")
