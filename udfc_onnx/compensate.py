@@ -190,6 +190,11 @@ def _input_second(layer: Layer, config: CompressConfig, arrays: dict, layers: di
     return activation_moments.input_second_moment(layer.name, _dequantized_view(arrays, layers, solution))
 
 
+def _shift_bias(arrays: dict, name: str, delta: np.ndarray) -> None:
+    """``arrays[name] += delta``, summed in float64 and stored in the bias's own type (a new array)."""
+    arrays[name] = (arrays[name].astype(np.float64) + delta).astype(arrays[name].dtype)
+
+
 def _slice_input(li: LayerInput, cs: ConsumerSlice, channels: int, keep: np.ndarray) -> LayerInput:
     """A consumer's input moments after the unit's pruned channels are removed (like its weights)."""
     block = cs.block if cs.kind == "gemm" else 1
@@ -443,7 +448,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
             new_flat = w_flat @ coef_patch.T
             new_sub = new_flat.reshape(o, len(keep), taps)
             delta = w_flat @ patch.target_mean - new_flat @ patch.mean
-            arrays[cons.bias] = (arrays[cons.bias].astype(np.float64) + delta).astype(arrays[cons.bias].dtype)
+            _shift_bias(arrays, cons.bias, delta)
             regression = "synthetic-patch"
         elif refit:  # (O, C, B) slice refitted: column i of the kept set reads sum_c W2[:, c] coef[i, c]
             new_sub = np.einsum("ocb,ic->oib", sub.astype(np.float64), coef)
@@ -466,7 +471,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
                 delta = tap_sums.astype(np.float64) @ (act.target_mean - coef.T @ act.mean[keep])
             else:
                 delta = mean_residual_bias(tap_sums[:, :, None], keep, coef, act_mean)
-            arrays[cons.bias] = (arrays[cons.bias].astype(np.float64) + delta).astype(arrays[cons.bias].dtype)
+            _shift_bias(arrays, cons.bias, delta)
         if cs.offset == 0 and full.shape[1] == C:  # the unit feeds the whole input: nothing to splice
             new_full = new_sub
         else:
@@ -545,7 +550,7 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
             qt, bias_delta = _quantize_layer(layer, w, config, bits, inputs.get(layer.name), second)
             into.quantized[layer.weight] = qt
             if bias_delta is not None:
-                work[layer.bias] = (work[layer.bias].astype(np.float64) + bias_delta).astype(work[layer.bias].dtype)
+                _shift_bias(work, layer.bias, bias_delta)
 
     def quantize_rest(names) -> None:
         for name in names:
@@ -965,7 +970,7 @@ def _solve_group(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: di
                 act_mean = _expected_activation(unit, cs, moments, arrays, index)
                 weighted = sub * np.asarray(cs.taps, np.float64)[None, None, :] if cs.taps else sub
                 delta = mean_residual_bias(weighted, keep, consumer_coef, act_mean)
-                arrays[cons.bias] = (arrays[cons.bias].astype(np.float64) + delta).astype(arrays[cons.bias].dtype)
+                _shift_bias(arrays, cons.bias, delta)
                 transferred = True
         new_full = np.concatenate([full[:, :offset], new_sub, full[:, offset + C:]], axis=1)
         arrays[cons.weight] = _from_consumer_view(cons, new_full, w2).astype(w2.dtype)

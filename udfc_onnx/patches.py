@@ -74,8 +74,7 @@ def conv_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), pads, (dh, dw) = geometry.kernel, geometry.strides, geometry.pads, geometry.dilations
     nhwc = np.pad(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
-    ho = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _output_size(h, w, geometry)
     cols = np.empty((n, ho, wo, kh, kw, c), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
@@ -95,11 +94,16 @@ def _sample_subset(n: int, rows_per_sample: int, max_rows: int | None) -> np.nda
     return np.unique(np.linspace(0, n - 1, keep).round().astype(np.int64))
 
 
+def _output_size(height: int, width: int, geometry: ConvGeometry) -> tuple[int, int]:
+    """Output height and width of the convolution on a ``height`` x ``width`` input."""
+    (kh, kw), (sh, sw), pads, (dh, dw) = geometry.kernel, geometry.strides, geometry.pads, geometry.dilations
+    return ((height + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1,
+            (width + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1)
+
+
 def output_positions(height: int, width: int, geometry: ConvGeometry) -> int:
     """Output positions of the convolution on a ``height`` x ``width`` input: the patches per sample."""
-    (kh, kw), (sh, sw), pads, (dh, dw) = geometry.kernel, geometry.strides, geometry.pads, geometry.dilations
-    ho = (height + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (width + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _output_size(height, width, geometry)
     return max(ho, 0) * max(wo, 0)
 
 

@@ -611,9 +611,9 @@ def plan_file(in_path: str | os.PathLike, out_path: str | os.PathLike | None, co
 
 
 def _check_fusion(path: Path, optimized: str | None, solution: Solution, notes: list[str]) -> dict:
-    """What ORT's optimiser fused in the written model (only when weights were quantized), read
-    from the graph the validation session saved at ``optimized``."""
-    if not solution.quantized or optimized is None:
+    """What ORT's optimiser fused in the written model, read from the graph the validation session
+    saved at ``optimized`` (None: nothing was quantized, nothing to count)."""
+    if optimized is None:
         return {}
     try:
         fusion = fusion_report(path, optimized)

@@ -131,12 +131,11 @@ def gptq_quantize(weights: np.ndarray, second: np.ndarray, bits: int, *, symmetr
     scale = scale.astype(np.float32).astype(np.float64)  # the stored step: rounding matches dequantization
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    w = rows.copy()
-    w[:, dead] = 0.0
     diag_mean = float(np.mean(np.diag(h)))
     h[np.diag_indices(d)] += damp * (diag_mean if diag_mean > 0 else 1.0)
     order = np.argsort(-np.diag(h), kind="stable")
-    w = w[:, order]
+    w = rows[:, order]  # the working copy, in activation order
+    w[:, dead[order]] = 0.0
     h = h[np.ix_(order, order)]
     # upper Cholesky factor of H^-1: row j holds the update of the entries after j (GPTQ's Hinv)
     try:
