@@ -348,6 +348,18 @@ def test_quantizing_float32_weights_equals_quantizing_them_as_float64(rng, symme
         np.testing.assert_array_equal(a.zero_point, b.zero_point)
 
 
+@pytest.mark.parametrize("shape", [(1200, 300, 3, 3), (3, 1 << 19), (9, 4)])
+def test_quantizing_in_row_blocks_equals_one_pass(rng, shape):
+    from udfc_onnx import quant
+
+    w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    for bits, symmetric in ((8, True), (4, False)):
+        scale, zp, qmin, qmax = quant._grid(w.reshape(w.shape[0], -1), bits, symmetric)
+        whole = w / scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        expected = np.clip(np.rint(whole) + zp.reshape((-1,) + (1,) * (w.ndim - 1)), qmin, qmax).astype(np.int8)
+        np.testing.assert_array_equal(quant.quantize_per_channel(w, bits, symmetric=symmetric).q, expected)
+
+
 def test_one_malloc_arena_is_set_where_there_is_glibc():
     import ctypes.util
 

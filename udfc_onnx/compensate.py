@@ -42,9 +42,9 @@ from .moments import LayerInput, patch_covariance
 from .plan import Plan, UnitPlan
 from .quant import QuantizedTensor, gptq_quantize, quantize_per_channel
 from .resources import worker_threads
-from .solve import (apply_compensation, bn_row_scales, consumer_gram, equalization_scales, filter_second_moments,
-                    mean_residual_bias, neuron_merging_coefficients, relu_mean, row_blocks, select_keep_greedy,
-                    solve_moment_coefficients, solve_prune_coefficients, solve_quant_scales)
+from .solve import (apply_compensation, bn_row_scales, consumer_gram, dropped_channels, equalization_scales,
+                    filter_second_moments, mean_residual_bias, neuron_merging_coefficients, relu_mean, row_blocks,
+                    select_keep_greedy, solve_moment_coefficients, solve_prune_coefficients, solve_quant_scales)
 from .stats import BNStats
 from .units import ConsumerSlice, PruneUnit
 
@@ -364,7 +364,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
         gram = sum(consumer_gram(v) for v in views.values())
         keep = select_keep_greedy(second, gram, len(keep))
         selection = "greedy"
-    drop = np.setdiff1d(np.arange(C), keep)
+    drop = dropped_channels(C, keep)
 
     kept_filters = W[keep].astype(np.float64)
     kept_bias = b[keep]

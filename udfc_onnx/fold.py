@@ -49,7 +49,8 @@ def _why_not_foldable(view: GraphView, bn: onnx.NodeProto) -> str:
 
 
 def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False,
-                   weights_out: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, FoldRecord]:
+                   weights_out: dict[str, np.ndarray] | None = None,
+                   weights_read: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, FoldRecord]:
     """Return a copy of ``model`` with every foldable BN folded into its Conv/Gemm.
 
     The layer takes over the BN's output name, so downstream names are unchanged.
@@ -58,6 +59,8 @@ def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False,
     of the model, whose weight initializers keep their unfolded values until the caller writes
     them (biases are written as usual). A protobuf message never frees a replaced value before
     the whole model goes, so writing them would hold every weight twice.
+    ``weights_read``: private arrays of weights read already (``LoadedModel.weights``); the fold
+    takes the ones it folds out of this dict and folds them in place instead of reading them again.
     """
     model = model if inplace else copy_model(model)
     view = GraphView(model)
@@ -73,7 +76,7 @@ def fold_batchnorm(model: onnx.ModelProto, *, inplace: bool = False,
         layer = view.producer[bn.input[0]]
         gamma, beta, mean, var = (view.array(n).astype(np.float64) for n in bn.input[1:5])
         a = gamma / np.sqrt(var + float(attribute(bn, "epsilon", 1e-5)))
-        folded = view.array(layer.input[1])  # private (a new array read from the file, or a copy)
+        folded = view.take(layer.input[1], weights_read)  # private (read before, read now, or a copy)
         dtype = folded.dtype
         if layer.op_type == "Conv":
             out_channels = folded.shape[0]

@@ -48,6 +48,16 @@ class GraphView:
         value = tensor_array(tensor)
         return value.copy() if copy and not is_lazy(tensor) else value  # a lazy read is a new array already
 
+    def take(self, name: str, read: dict[str, np.ndarray] | None) -> np.ndarray:
+        """:meth:`array` of ``name``, or the private array ``read`` holds for it (taken out of ``read``)
+        when that still has the initializer's dims and type (a value read once, not read again)."""
+        value = read.pop(name, None) if read else None
+        tensor = self.initializers[name]
+        if value is not None and value.shape == tuple(tensor.dims) \
+                and value.dtype == onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type):
+            return value
+        return self.array(name)
+
     def is_constant(self, name: str) -> bool:
         """True when ``name`` is an initializer and not overridable by a graph input."""
         return name in self.initializers and name not in self.graph_inputs

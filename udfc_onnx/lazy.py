@@ -11,7 +11,8 @@ package nor a reader of a saved model mistakes them for real external data.
 
 A lazy tensor must never reach ONNX Runtime, the checker or a file: :func:`tensor_array` reads one,
 :func:`materialize` writes their values back into a model (the output, before it is saved), and
-:func:`materialized` is the copy a session gets when a model still has some.
+:func:`materialized` is the copy a session gets when a model still has some. :func:`as_external_data`
+is a copy in which they are ordinary external data (ONNX Runtime can open it without reading them).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from onnx import numpy_helper
 from .errors import InvalidModelError
 
 __all__ = ["LAZY_KEY", "LAZY_MIN_BYTES", "read_lazy", "is_lazy", "has_lazy", "lazy_bytes", "tensor_array",
-           "materialize", "materialized"]
+           "materialize", "materialized", "as_external_data"]
 
 #: external_data key that marks a lazy tensor; its value is the absolute path of the file.
 LAZY_KEY = "udfc_onnx.lazy_source"
@@ -259,3 +260,28 @@ def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return materialize(copy)
+
+
+def as_external_data(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Path] | None:
+    """A copy of ``model`` whose lazy tensors are ordinary external data, and their folder.
+
+    Each lazy tensor becomes a plain reference (location, offset, length) to its bytes in the
+    source file, relative to the returned folder. ONNX Runtime opens such a copy without reading
+    the weights, when they are given to it in memory (``SessionOptions.add_initializer``, see
+    :func:`udfc_onnx.validate.open_reference`). None when ``model`` has no lazy tensor, or they
+    come from more than one file.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    sources = set()
+    for t in copy.graph.initializer:
+        if not is_lazy(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        sources.add(info[LAZY_KEY])
+        del t.external_data[:]
+        for key in ("location", "offset", "length"):
+            t.external_data.add(key=key, value=info[key])
+    if len(sources) != 1:
+        return None
+    return copy, Path(sources.pop()).parent

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +47,17 @@ class LoadedModel:
         Some tensor was stored in an external data file.
     file_bytes : int
         Size of the .onnx file plus its external data files.
+    weights : dict of str to ndarray
+        With ``read_model(..., keep_weights=True)``: the values of the lazy weight initializers
+        that :func:`check_finite` read, by name. Each is a private array: a pass may take one and
+        edit it instead of reading the file again (:func:`udfc_onnx.graph.take_array`).
     """
 
     model: onnx.ModelProto
     path: Path
     external_data: bool
     file_bytes: int
+    weights: dict = field(default_factory=dict)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -168,11 +173,12 @@ def _check_tensor_size(t: onnx.TensorProto, where: str) -> None:
                                 f"for shape {list(t.dims)} ({expected} expected)")
 
 
-def check_finite(model: onnx.ModelProto, where: str = "model") -> None:
+def check_finite(model: onnx.ModelProto, where: str = "model", *, keep: dict | None = None) -> None:
     """Refuse NaN or Inf in the float initializers of Conv/Gemm/MatMul/BatchNormalization.
 
     The solver would carry them into every compensated layer; an output check on random inputs
-    catches them only when it runs (``--check-n 0`` skips it).
+    catches them only when it runs (``--check-n 0`` skips it). ``keep``: a dict that receives the
+    values of the lazy tensors read here (by name), for the passes that need them next.
     """
     inits = {t.name: t for t in model.graph.initializer}
     for t in model.graph.initializer:
@@ -188,6 +194,8 @@ def check_finite(model: onnx.ModelProto, where: str = "model") -> None:
                 continue
             seen.add(name)
             values = tensor_array(t)
+            if keep is not None and is_lazy(t):
+                keep[name] = values
             if not np.all(np.isfinite(values)):
                 raise InvalidModelError(f"{where}: weight {name} of {node.op_type} {node.name or node.output[0]} "
                                         "has NaN or Inf values")
@@ -235,8 +243,11 @@ def _lazy_checker_error(model: onnx.ModelProto, source: str) -> str | None:
         return _checker_error(source)
 
 
-def read_model(path: str | os.PathLike) -> LoadedModel:
+def read_model(path: str | os.PathLike, *, keep_weights: bool = False) -> LoadedModel:
     """Read ``path`` with its external data, run the ONNX checker and :func:`check_supported`.
+
+    ``keep_weights=True`` keeps the lazy weights the checks read in ``LoadedModel.weights``
+    (the whole model's weights in memory, read once) instead of dropping them.
 
     Raises
     ------
@@ -303,8 +314,9 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
             raise InvalidModelError(f"{p}: cannot read its external data ({first_line(exc)})") from None
     check_supported(model, str(p))
     check_channels(model, str(p))
-    check_finite(model, str(p))
-    return LoadedModel(model, p, external, size + sum(f.stat().st_size for f in files))
+    weights: dict = {}
+    check_finite(model, str(p), keep=weights if keep_weights else None)
+    return LoadedModel(model, p, external, size + sum(f.stat().st_size for f in files), weights)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:

@@ -68,7 +68,14 @@ class LayerInput:
     cov: np.ndarray | None
     spatial_r: float
     tap_fraction: np.ndarray
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(48)
+
+
+# Gauss-Legendre rules of the Phi2 quadrature by |rho| (upper bound, nodes, weights): Genz's 6, 12
+# and 20 points below 0.3, 0.75 and 0.925 (Genz 2004, after Drezner and Wesolowsky 1990) are at
+# double precision there (within 3e-16 of a 200-point rule on |a|, |b| <= 8, as the 48 points
+# were), at 1/8 to 1/2 of the cost; nearer +-1 the integrand is peaked and 48 points are kept.
+_GL_RULES = [(bound, *np.polynomial.legendre.leggauss(n)) for bound, n in ((0.3, 6), (0.75, 12), (0.925, 20),
+                                                                           (math.inf, 48))]
 _RHO_MAX = 1 - 1e-9
 
 
@@ -91,7 +98,8 @@ def bivariate_normal_cdf(a: np.ndarray, b: np.ndarray, rho: np.ndarray) -> np.nd
     """``P(U < a, V < b)`` for standard normals U, V with correlation rho (broadcast).
 
     Uses ``Phi2 = Phi(a) Phi(b) + 1/(2 pi) int_0^{asin rho} exp(-(a^2 + b^2 - 2ab sin t)/(2 cos^2 t)) dt``
-    with 48-point Gauss-Legendre quadrature (absolute error < 1e-7 for |rho| <= 0.99).
+    with Gauss-Legendre quadrature of 6 to 48 points by |rho| (absolute error below 1e-15 for
+    |rho| < 0.925, below 1e-7 for |rho| <= 0.99).
     """
     a, b, rho = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                     np.clip(np.asarray(rho, np.float64), -_RHO_MAX, _RHO_MAX))
@@ -100,12 +108,26 @@ def bivariate_normal_cdf(a: np.ndarray, b: np.ndarray, rho: np.ndarray) -> np.nd
 
 def _phi2_integral(a: np.ndarray, b: np.ndarray, rho: np.ndarray) -> np.ndarray:
     """``Phi2(a, b; rho) - Phi(a) Phi(b)`` (the quadrature of :func:`bivariate_normal_cdf`), same shapes."""
+    size = np.abs(rho)
+    out = np.empty(np.shape(rho))
+    lower = 0.0
+    for bound, nodes, weights in _GL_RULES:
+        pick = (size >= lower) & (size < bound)
+        lower = bound
+        if pick.all():
+            return _phi2_quadrature(a, b, rho, nodes, weights)
+        if pick.any():
+            out[pick] = _phi2_quadrature(a[pick], b[pick], rho[pick], nodes, weights)
+    return out
+
+
+def _phi2_quadrature(a: np.ndarray, b: np.ndarray, rho: np.ndarray, nodes: np.ndarray, weights: np.ndarray) -> np.ndarray:
     top = np.arcsin(rho)
     squares, cross = a * a + b * b, 2 * a * b
-    # One quadrature node at a time: a (..., 48) array per temporary cost 25 MB per 256x256
+    # One quadrature node at a time: a (..., n) array per temporary cost 25 MB per 256x256
     # covariance and most of the time of relu_moments.
     integral = np.zeros(top.shape)
-    for node, weight in zip(_GL_NODES, _GL_WEIGHTS):
+    for node, weight in zip(nodes, weights):
         sin = np.sin(top * (0.5 * (node + 1)))  # cos^2 as 1 - sin^2: np.cos would cost as much again
         integral += (0.5 * weight) * np.exp(-(squares - cross * sin) / (2 * (1 - sin * sin)))
     return integral * top / (2 * math.pi)

@@ -108,7 +108,7 @@ def _prepare(model: onnx.ModelProto, config: CompressConfig, notes: list[str], q
 
 
 def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict | None = None, inplace: bool = False,
-            folded_weights: dict[str, np.ndarray] | None = None):
+            folded_weights: dict[str, np.ndarray] | None = None, weights_read: dict[str, np.ndarray] | None = None):
     """Read stats, fold BN and plan, without solving: (folded model, stats, raw filters, plan, fold record).
 
     ``overrides`` maps node names to resolved per-layer ``--config`` settings; ``inplace=True``
@@ -116,10 +116,12 @@ def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict |
     Conv/Gemm weights, which are then not written into the folded model (its weight initializers
     keep their unfolded values, and the raw filters are read from them on demand): the caller
     writes them. This keeps one copy of the weights where the default keeps three.
+    ``weights_read``: private arrays of weights read already, which the fold takes and folds in
+    place (see :func:`udfc_onnx.fold.fold_batchnorm`).
     """
     stats = read_bn_stats(model)
     raw_filters = raw_filters_of(model) if folded_weights is None else RawFilterReader(model)
-    folded, fold_record = fold_batchnorm(model, inplace=inplace, weights_out=folded_weights)
+    folded, fold_record = fold_batchnorm(model, inplace=inplace, weights_out=folded_weights, weights_read=weights_read)
     units, skipped = find_units(folded, prune_residual=config.prune_residual)
     units = limit_to_statistics(units, stats)
     plan = make_plan(units, skipped, raw_filters, prune_ratio=config.prune_ratio, criterion=config.criterion,
@@ -129,22 +131,25 @@ def analyze(model: onnx.ModelProto, config: CompressConfig, *, overrides: dict |
 
 
 def compress_model(model: onnx.ModelProto, config: CompressConfig, *, overrides: OverrideRules | None = None,
-                   inplace: bool = False) -> CompressResult:
+                   inplace: bool = False, weights_read: dict[str, np.ndarray] | None = None) -> CompressResult:
     """Compress a loaded model in memory.
 
     ``overrides`` are the per-layer rules of a ``--config`` file; a rule naming no node raises
     InvalidConfigError. The input is not modified, unless ``inplace=True``: then it is consumed
     (edited by the passes and left meaningless), which saves full-model copies on large models.
     NumPy's BLAS runs on ``UDFC_BLAS_THREADS`` threads (default 1) meanwhile: see :mod:`udfc_onnx.resources`.
+    ``weights_read``: private arrays of the model's weights read already (``LoadedModel.weights``
+    of ``read_model(..., keep_weights=True)``), used instead of reading them again. They are
+    consumed: edited in place, and the dict is empty when this returns.
     """
     box = [model]
     del model  # with inplace=True and no reference left with the caller, the passes free the weights as they go
     with limit_blas_threads():
-        return _compress_model(box, config, overrides=overrides, inplace=inplace)
+        return _compress_model(box, config, overrides=overrides, inplace=inplace, weights_read=weights_read)
 
 
 def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRules | None,
-                    inplace: bool) -> CompressResult:
+                    inplace: bool, weights_read: dict[str, np.ndarray] | None = None) -> CompressResult:
     """:func:`compress_model` of ``box.pop()``: a caller that puts the only reference to an
     ``inplace`` model in ``box`` lets the passes free the memory of its weights as they go."""
     notes: list[str] = []
@@ -160,7 +165,7 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
     # weight initializers hold the unfolded values (which are the raw filters).
     folded_weights: dict[str, np.ndarray] = {}
     folded, stats, raw_filters, plan, fold_record = analyze(model, config, overrides=resolved, inplace=True,
-                                                            folded_weights=folded_weights)
+                                                            folded_weights=folded_weights, weights_read=weights_read)
     del model
     if config.method == "prune":  # raw filters were needed for the ranking only
         raw_filters = {}
@@ -170,7 +175,7 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
     view = GraphView(folded)
     arrays: dict[str, np.ndarray] = {}
     for layer in layers.values():
-        arrays[layer.weight] = folded_weights[layer.weight] if layer.weight in folded_weights else view.array(layer.weight)
+        arrays[layer.weight] = folded_weights[layer.weight] if layer.weight in folded_weights else view.take(layer.weight, weights_read)
         if layer.bias in view.initializers:
             arrays[layer.bias] = view.array(layer.bias)
         else:
@@ -184,6 +189,9 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
                      f"({why}--channel-multiple 1 keeps the paper's int(C*(1-r)))")
     members = member_arrays(folded, [u.unit for u in plan.units])
     arrays.update({name: folded_weights.get(name, value) for name, value in members.items()})
+    if weights_read:  # weights no pass took (the solve reads the rest from the file, one at a time)
+        weights_read.clear()
+        release_memory()
     clock.lap("read weights")
     # Data-free activation moments for UDFC's regression/selection and the bias correction (issue 3).
     layer_inputs = estimate_layer_inputs(folded, stats, raw_filters, folded_weights) if config.uses_moments else None
@@ -494,14 +502,9 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     check_output_path(src, dst)
     clock = _Clock()
     step("load")
-    # ORT opens the input for the reference run on the other core while this thread reads and
-    # checks it (both release the GIL; ResNet-50: 0.1-0.15 s off the run). Its verdict is taken
-    # after read_model's, which names a bad file more precisely.
-    opening = _in_background(open_reference, str(src)) if src.is_file() else None  # not a pipe: read once
-    loaded = read_model(src)
-    # The source's digest goes into the output's metadata; hashlib releases the GIL, so the hash
-    # runs on the other core while ORT and NumPy work here (ResNet-50: 0.06-0.1 s off the run).
-    source_sha256 = _in_background(_sha256, src)
+    # The checks read every weight once; they are kept (ResNet-50: 100 MB) for ORT's reference
+    # session and the BN fold, which would each read the file again.
+    loaded = read_model(src, keep_weights=True)
     clock.lap("load + check input")
     shapes = resolve_input_shapes(loaded.model, options.input_shapes)
     before = ModelInfo.collect(loaded.model, loaded.file_bytes, input_shapes=shapes)
@@ -509,19 +512,25 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     clock.lap("report (before)")
     step("run original")  # the input must load and run in ORT before any work is spent on it
     samples = min(options.check_n, max(1, int(VALIDATION_MACS // max(before.macs, 1))))
-    # ORT reads the file itself (its session holds a copy of every weight: ResNet-50 +140 MB while
-    # it lives, below the solve's peak; dropping our model meanwhile and parsing it again cost 0.2 s).
+    # ORT runs on the weights read above, as they are (no copy; ResNet-50: 0.02 s to open instead
+    # of 0.15-0.2 s parsing the file). The session goes with run_reference's frame, before the
+    # fold edits those arrays.
     expected = run_reference(loaded.model, n_samples=samples, seed=options.seed, shape_overrides=shapes,
-                             reference_path=str(src), opened=opening.result() if opening else None)
-    del opening  # the session goes with run_reference's frame
+                             opened=open_reference(loaded.model, weights=loaded.weights,
+                                                   path=str(src) if src.is_file() else None))
     release_memory()  # the reference session is gone; without this its heap stays under every later peak
+    # The source's digest goes into the output's metadata; hashlib releases the GIL, so the hash
+    # runs on the other core while the analysis works on one (ResNet-50: 0.05-0.1 s off the run).
+    source_sha256 = _in_background(_sha256, src)
     clock.lap("run original")
     step("compress")
     # The loaded model is handed over (no copy, no reference kept here, so the passes can free its
     # weights as they go): validation compares with the outputs run above.
     box = [loaded.model]
-    loaded = dataclasses.replace(loaded, model=None)
-    result = compress_model(box.pop(), config, overrides=options.overrides, inplace=True)
+    weights_read = loaded.weights
+    loaded = dataclasses.replace(loaded, model=None, weights={})
+    result = compress_model(box.pop(), config, overrides=options.overrides, inplace=True, weights_read=weights_read)
+    del weights_read
     # The float value of every changed initializer (ResNet-50: 50 MB) is in the model now; nothing
     # below reads the copies, and the checks' ORT sessions stack on what is still held here.
     result.solution.arrays = {}
