@@ -108,3 +108,80 @@ def test_a_changed_input_is_refused_not_mixed(model_path):
     onnx.save(conv_chain((3, 64, 96, 10), spatial=8, seed=5), str(model_path))  # overwritten mid-run
     with pytest.raises(InvalidModelError, match="changed while it was being compressed"):
         tensor_array(t)
+
+
+def test_read_model_can_keep_the_weights_it_checked(model_path):
+    assert read_model(model_path).weights == {}
+    loaded = read_model(model_path, keep_weights=True)
+    assert list(loaded.weights) == ["conv1.weight"]  # the lazy ones: the rest is in the model already
+    value = loaded.weights["conv1.weight"]
+    assert value.flags.writeable and value.flags.owndata is not None
+    np.testing.assert_array_equal(value, onnx.numpy_helper.to_array(
+        next(t for t in onnx.load(str(model_path)).graph.initializer if t.name == "conv1.weight")))
+
+
+def test_reference_session_runs_on_the_kept_arrays_without_a_copy(model_path):
+    import onnxruntime as ort
+
+    from udfc_onnx.validate import open_reference, random_inputs
+
+    loaded = read_model(model_path, keep_weights=True)
+    feeds = random_inputs(loaded.model, np.random.default_rng(0))
+    shared = open_reference(loaded.model, weights=loaded.weights)
+    by_path = open_reference(str(model_path))
+    assert len(shared._udfc_shared_weights) == 1
+    np.testing.assert_array_equal(run_model(shared, feeds)[0], run_model(by_path, feeds)[0])
+    # ORT reads the very buffer: a change of the array shows in the next run (hence: no edits while it lives)
+    loaded.weights["conv1.weight"][:] = 0
+    assert not np.array_equal(run_model(shared, feeds)[0], run_model(by_path, feeds)[0])
+    # an array that does not fit its tensor (ORT would not notice) is not given: ORT reads the file
+    for odd in (np.zeros(5, np.float32), np.zeros((96, 64, 3, 3), np.float64)):
+        other = open_reference(loaded.model, weights={"conv1.weight": odd}, path=str(model_path))
+        assert other._udfc_shared_weights == []
+        np.testing.assert_array_equal(run_model(other, feeds)[0], run_model(by_path, feeds)[0])
+    # a model with no weight left in the file is opened as usual
+    plain = open_reference(materialized(loaded.model), weights=loaded.weights)
+    assert isinstance(plain, ort.InferenceSession) and not hasattr(plain, "_udfc_shared_weights")
+
+
+def test_the_fold_takes_the_kept_weights_and_gives_the_read_result(model_path):
+    from udfc_onnx.fold import fold_batchnorm
+
+    loaded = read_model(model_path, keep_weights=True)
+    kept = loaded.weights["conv1.weight"]
+    folded_read, folded_kept = {}, {}
+    fold_batchnorm(read_model(model_path).model, weights_out=folded_read)
+    fold_batchnorm(loaded.model, weights_out=folded_kept, weights_read=loaded.weights)
+    assert loaded.weights == {} and folded_kept["conv1.weight"] is kept  # folded in place, not read again
+    for name in folded_read:
+        np.testing.assert_array_equal(folded_kept[name], folded_read[name])
+
+
+def test_graph_view_takes_a_read_array_only_while_it_fits(model_path):
+    view = GraphView(read_model(model_path).model)
+    right = tensor_array(view.initializers["conv1.weight"])
+    read = {"conv1.weight": right}
+    assert view.take("conv1.weight", read) is right and read == {}
+    stale = {"conv1.weight": right.reshape(right.shape[0], -1)}  # dims changed since it was read
+    taken = view.take("conv1.weight", stale)
+    assert taken.shape == right.shape and stale == {}
+    np.testing.assert_array_equal(taken, right)
+    assert view.take("conv1.weight", None).shape == right.shape
+
+
+@pytest.mark.parametrize("settings, reads_expected", [
+    (dict(weight_bits=8, regression="euclidean", selection="norm", bias_correction=False), 1),  # the check only:
+    # ORT and the fold use the array it read
+    (dict(prune_ratio=0.3, method="prune"), 2),  # + the ranking's raw filters
+    (dict(weight_bits=8), 2),  # + the input moments' spatial fit on raw filters
+    (dict(prune_ratio=0.3, weight_bits=8), 3),  # both
+])
+def test_compress_file_reads_a_weight_once_plus_once_per_use_of_its_raw_values(model_path, tmp_path, monkeypatch,
+                                                                                settings, reads_expected):
+    import udfc_onnx.lazy as lazy
+
+    reads = []
+    original = lazy._read
+    monkeypatch.setattr(lazy, "_read", lambda t: reads.append(t.name) or original(t))
+    compress_file(model_path, tmp_path / "out.onnx", CompressConfig(**settings))
+    assert reads.count("conv1.weight") == reads_expected

@@ -697,6 +697,9 @@ class RawFilterReader(Mapping):
         w = self._view.array(node.input[1], copy=False)  # read only (ranking, moments, NM)
         return w.T if node.op_type == "Gemm" and w.ndim == 2 and not attribute(node, "transB", 0) else w
 
+    def __contains__(self, name) -> bool:  # Mapping's would read the weight to find out
+        return name in self._index()
+
     def __iter__(self):
         return iter(self._index())
 

@@ -274,10 +274,12 @@ def _session_on_arrays(reference: onnx.ModelProto, weights: Mapping[str, np.ndar
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # Lazy tensors not in ``weights`` (if any) are read by ORT from the source file.
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    names = {t.name for t in model.graph.initializer}
+    # ORT does not check a given array against the tensor's dims: only exact matches are given.
+    declared = {t.name: (tuple(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+                for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     shared = []
     for name, array in weights.items():
-        if name in names and array.flags.c_contiguous:
+        if declared.get(name) == (array.shape, array.dtype) and array.flags.c_contiguous:
             value = ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: the array's own buffer
             opts.add_initializer(name, value)
             shared.append(value)
