@@ -50,7 +50,7 @@ class LoadedModel:
     weights : dict of str to ndarray
         With ``read_model(..., keep_weights=True)``: the values of the lazy weight initializers
         that :func:`check_finite` read, by name. Each is a private array: a pass may take one and
-        edit it instead of reading the file again (:func:`udfc_onnx.graph.take_array`).
+        edit it instead of reading the file again (:meth:`udfc_onnx.graph.GraphView.take`).
     """
 
     model: onnx.ModelProto

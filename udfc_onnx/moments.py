@@ -121,7 +121,8 @@ def _phi2_integral(a: np.ndarray, b: np.ndarray, rho: np.ndarray) -> np.ndarray:
     return out
 
 
-def _phi2_quadrature(a: np.ndarray, b: np.ndarray, rho: np.ndarray, nodes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def _phi2_quadrature(a: np.ndarray, b: np.ndarray, rho: np.ndarray, nodes: np.ndarray,
+                     weights: np.ndarray) -> np.ndarray:
     top = np.arcsin(rho)
     squares, cross = a * a + b * b, 2 * a * b
     # One quadrature node at a time: a (..., n) array per temporary cost 25 MB per 256x256

@@ -175,7 +175,8 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
     view = GraphView(folded)
     arrays: dict[str, np.ndarray] = {}
     for layer in layers.values():
-        arrays[layer.weight] = folded_weights[layer.weight] if layer.weight in folded_weights else view.take(layer.weight, weights_read)
+        arrays[layer.weight] = (folded_weights[layer.weight] if layer.weight in folded_weights
+                                else view.take(layer.weight, weights_read))
         if layer.bias in view.initializers:
             arrays[layer.bias] = view.array(layer.bias)
         else:
@@ -189,7 +190,7 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
                      f"({why}--channel-multiple 1 keeps the paper's int(C*(1-r)))")
     members = member_arrays(folded, [u.unit for u in plan.units])
     arrays.update({name: folded_weights.get(name, value) for name, value in members.items()})
-    if weights_read:  # weights no pass took (the solve reads the rest from the file, one at a time)
+    if weights_read:  # weights no pass took: dropped (a later pass that needs one reads it from the file)
         weights_read.clear()
         release_memory()
     clock.lap("read weights")

@@ -527,7 +527,8 @@ def apply_compensation(
     """
     C = consumer.shape[1]
     drop = dropped_channels(C, keep)
-    out = np.take(consumer, keep, axis=1).astype(dtype, copy=False)  # the gather is a new array already (take: 3-6x faster than [:, keep])
+    # the gather is a new array already (np.take: 3-6x faster than [:, keep] on the middle axis)
+    out = np.take(consumer, keep, axis=1).astype(dtype, copy=False)
     if kept_scale is not None:
         out = out * np.asarray(kept_scale, np.float64)[None, :, None]
     if coef is not None and len(drop):
