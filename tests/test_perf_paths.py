@@ -360,6 +360,22 @@ def test_quantizing_in_row_blocks_equals_one_pass(rng, shape):
         np.testing.assert_array_equal(quant.quantize_per_channel(w, bits, symmetric=symmetric).q, expected)
 
 
+@pytest.mark.parametrize("shape", [(1200, 300, 3, 3), (40, 2048, 1, 1), (3, 64, 7, 7)])
+def test_bias_correction_in_row_blocks_equals_one_pass(rng, shape):
+    from udfc_onnx.compensate import Layer, _mean_shift, _rounding_mean_shift
+    from udfc_onnx.moments import LayerInput
+    from udfc_onnx.quant import quantize_per_channel
+
+    w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    taps = shape[2] * shape[3]
+    li = LayerInput(rng.standard_normal(shape[1]), None, 0.0, rng.uniform(0.5, 1, taps))
+    layer = Layer("conv", "conv", "w", "b", False)
+    qt = quantize_per_channel(w, 4)
+    delta = qt.dequantize() - w
+    np.testing.assert_array_equal(_rounding_mean_shift(layer, qt, w, li), _mean_shift(layer, delta, li))
+    assert _rounding_mean_shift(layer, qt, w, None) is None
+
+
 def test_one_malloc_arena_is_set_where_there_is_glibc():
     import ctypes.util
 

@@ -176,10 +176,32 @@ def _quantize_layer(layer: Layer, w_out_major: np.ndarray, config: CompressConfi
     qt = _quantize(w_out_major, config, bits, second)
     if not config.use_bias_correction:
         return qt, None
-    delta = qt.dequantize()
-    delta -= w_out_major  # in place: one weight-sized float64 temporary less on the largest layers
-    shift = _mean_shift(layer, delta, li)
+    shift = _rounding_mean_shift(layer, qt, w_out_major, li)
     return qt, None if shift is None else -shift
+
+
+def _rounding_mean_shift(layer: Layer, qt: QuantizedTensor, w_out_major: np.ndarray,
+                         li: LayerInput | None) -> np.ndarray | None:
+    """:func:`_mean_shift` of ``qt.dequantize() - w_out_major``.
+
+    A conv's in blocks of output rows: each row's shift is its own sum, so the values are those of
+    one pass, without a weight-sized float64 temporary (fresh pages, zeroed by the kernel).
+    """
+    if li is None:
+        return None
+    if layer.kind != "conv":
+        delta = qt.dequantize()
+        delta -= w_out_major  # in place: one weight-sized float64 temporary less
+        return _mean_shift(layer, delta, li)
+    shift = np.empty(w_out_major.shape[0])
+    for rows in row_blocks(w_out_major.shape[0], w_out_major[0].size if len(w_out_major) else 1):
+        delta = QuantizedTensor(qt.q[rows], qt.scale[rows], qt.zero_point[rows], qt.bits).dequantize()
+        delta -= w_out_major[rows]
+        part = _mean_shift(layer, delta, li)
+        if part is None:
+            return None
+        shift[rows] = part
+    return shift
 
 
 def _input_second(layer: Layer, config: CompressConfig, arrays: dict, layers: dict[str, Layer], solution: Solution,
@@ -366,20 +388,23 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
         selection = "greedy"
     drop = dropped_channels(C, keep)
 
-    kept_filters = W[keep].astype(np.float64)
+    kept_rows = W[keep]  # stored type (float32): the quantizers read it as float64 exactly, without a copy
+    kept_filters = None
     kept_bias = b[keep]
     next_scale = None
     bits = layer_bits_for(prod.name, config, overrides)
     if bits is not None:
         second = _input_second(prod, config, arrays, layers, solution, activation_moments)
-        qt, bias_delta = _quantize_layer(prod, kept_filters, config, bits, li, second)
+        qt, bias_delta = _quantize_layer(prod, kept_rows, config, bits, li, second)
         if bias_delta is not None:
             kept_bias = kept_bias + bias_delta
         if udfc and config.quant_compensation == "next":
-            next_scale = solve_quant_scales(kept_filters, qt.dequantize(), b[keep], alpha=config.alpha2)
+            next_scale = solve_quant_scales(kept_rows, qt.dequantize(), b[keep], alpha=config.alpha2)
         solution.quantized[prod.weight] = qt
         if config.regress_on_quantized:
             kept_filters = qt.dequantize()
+    if kept_filters is None:
+        kept_filters = kept_rows.astype(np.float64)
 
     kept_bias_stored = kept_bias.astype(arrays[prod.bias].dtype)
 
@@ -399,7 +424,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
             patch_cov, patch_mean, scale, mean = moments
             rows_k = kept_filters.reshape(len(keep), -1)
             # the kept channels' mean as the (possibly quantized and corrected) layer computes it
-            mean_k = mean[keep] + (rows_k - W[keep].reshape(len(keep), -1)) @ patch_mean + (kept_bias - b[keep])
+            mean_k = mean[keep] + (rows_k - kept_rows.reshape(len(keep), -1)) @ patch_mean + (kept_bias - b[keep])
             rows_p = W[drop].reshape(len(drop), -1).astype(np.float64)
             s_kk = filter_second_moments(rows_k, rows_k, patch_cov, scale[keep], scale[keep], mean_k, mean_k,
                                          mean_weight=config.mean_weight)
@@ -480,7 +505,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
         if inputs is not None and cs.node in inputs:
             inputs[cs.node] = _slice_input(inputs[cs.node], cs, C, keep)
 
-    arrays[prod.weight] = prod.stored(W[keep]).astype(arrays[prod.weight].dtype, copy=False)
+    arrays[prod.weight] = prod.stored(kept_rows).astype(arrays[prod.weight].dtype, copy=False)
     arrays[prod.bias] = kept_bias_stored  # the object the patch moments used: the sampler's cache stays valid
     if hasattr(activation_moments, "record"):
         activation_moments.record(prod.name, keep)
