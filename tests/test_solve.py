@@ -114,6 +114,19 @@ def test_mean_residual_bias_restores_constant_channels(rng):
     np.testing.assert_allclose(W2[:, keep].sum(2) @ act_mean[keep] + delta, full, rtol=1e-12)
 
 
+def test_mean_residual_bias_weights_the_taps(rng):
+    C, O = 6, 4
+    keep = np.array([1, 2, 5])
+    act_mean = rng.uniform(0, 1, C)
+    coef = rng.standard_normal((3, 3))
+    W2 = rng.standard_normal((O, C, 9)).astype(np.float32)
+    taps = rng.uniform(0.3, 1, 9)
+    weighted = W2 * taps[None, None, :]  # float64: the tap-weighted weights, summed over b inside
+    np.testing.assert_array_equal(mean_residual_bias(W2, keep, coef, act_mean, taps),
+                                  mean_residual_bias(weighted, keep, coef, act_mean))
+    np.testing.assert_array_equal(mean_residual_bias(W2, np.arange(C), coef[:, :0], act_mean, taps), np.zeros(O))
+
+
 def test_neuron_merging_picks_the_scaled_twin():
     rng = np.random.default_rng(1)
     W = rng.standard_normal((4, 2, 3, 3))

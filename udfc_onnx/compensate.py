@@ -483,20 +483,17 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
             new_sub = apply_compensation(sub, keep, coef, next_scale, dtype=w2.dtype)
         else:  # spec 4 variant (b): coefficients on float filters, whole slice rescaled
             new_sub = apply_compensation(sub, keep, coef) * next_scale[None, :, None]
-        if (transfer or refit) and patch is None:
-            # taps that read zero padding on a small map carry no mean (issue 4: ConsumerSlice.taps)
-            # (O, C) tap sums: all the bias needs, summed once (in row blocks: no slice-sized float64 copy)
-            if cs.taps:
-                taps = np.asarray(cs.taps, np.float64)[None, None, :]
-                tap_sums = np.concatenate([(sub[rows] * taps).sum(axis=2)
-                                           for rows in row_blocks(sub.shape[0], sub.shape[1] * sub.shape[2])])
-            else:
-                tap_sums = sub.sum(axis=2)
-            if refit:  # the regression's constant, E[A_orig] - coef^T E[A_kept]: part of the refit
-                delta = tap_sums.astype(np.float64) @ (act.target_mean - coef.T @ act.mean[keep])
-            else:
-                delta = mean_residual_bias(tap_sums[:, :, None], keep, coef, act_mean)
+        # taps that read zero padding on a small map carry no mean (issue 4: ConsumerSlice.taps)
+        taps = np.asarray(cs.taps, np.float64) if cs.taps else None
+        if refit and patch is None:  # the regression's constant, E[A_orig] - coef^T E[A_kept]: part of the refit
+            # (O, C) tap sums, in row blocks: no slice-sized float64 copy
+            tap_sums = np.concatenate([(sub[rows] * taps[None, None, :]).sum(axis=2)
+                                       for rows in row_blocks(sub.shape[0], sub.shape[1] * sub.shape[2])]) \
+                if taps is not None else sub.sum(axis=2)
+            delta = tap_sums.astype(np.float64) @ (act.target_mean - coef.T @ act.mean[keep])
             _shift_bias(arrays, cons.bias, delta)
+        elif transfer and patch is None:  # the pruned channels' tap sums only
+            _shift_bias(arrays, cons.bias, mean_residual_bias(sub, keep, coef, act_mean, taps))
         if cs.offset == 0 and full.shape[1] == C:  # the unit feeds the whole input: nothing to splice
             new_full = new_sub
         else:

@@ -581,7 +581,8 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 
 def mean_residual_bias(
-    consumer: np.ndarray, keep: np.ndarray, coef: np.ndarray | None, act_mean: np.ndarray
+    consumer: np.ndarray, keep: np.ndarray, coef: np.ndarray | None, act_mean: np.ndarray,
+    tap_weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Consumer bias change that restores the expected contribution of pruned channels [EXT].
 
@@ -595,6 +596,9 @@ def mean_residual_bias(
     coef : ndarray of shape (t, p), optional
     act_mean : ndarray of shape (C,)
         E[A_c] of every input channel of the consumer.
+    tap_weights : ndarray of shape (B,), optional
+        Weight of each tap in the sum over b (the share of positions where it reads real input,
+        ``ConsumerSlice.taps``); None counts every tap fully.
 
     Returns
     -------
@@ -607,4 +611,7 @@ def mean_residual_bias(
     residual = act_mean[drop].astype(np.float64)
     if coef is not None:
         residual = residual - coef.T @ act_mean[keep]
-    return np.take(consumer, drop, axis=1).sum(axis=2).astype(np.float64) @ residual
+    dropped = np.take(consumer, drop, axis=1)  # the pruned channels' taps only
+    if tap_weights is not None:
+        dropped = dropped * np.asarray(tap_weights, np.float64)[None, None, :]
+    return dropped.sum(axis=2).astype(np.float64) @ residual
