@@ -25,3 +25,17 @@ def test_latency_interleaves_models(tmp_path):
 def test_unavailable_provider_is_refused(capsys):
     assert benchmark.main(["--provider", "NoSuchExecutionProvider", "--models", "resnet56_nm"]) == 2
     assert "not available" in capsys.readouterr().err
+
+
+def test_median_run_reports_the_median_run_and_the_highest_peak(tmp_path):
+    counter = tmp_path / "n"
+    counter.write_text("0")
+    # run n prints ELAPSED 3, 2, 1 and holds n * 40 MB: the median run is the second (80 MB), the
+    # highest peak the third's (120 MB)
+    code = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); n = int(p.read_text()) + 1; p.write_text(str(n)); "
+            "block = bytearray(n * 40_000_000); print('ELAPSED', [3, 2, 1][n - 1])")
+    run = benchmark.median_run([sys.executable, "-c", code, str(counter)], 3)
+    assert run["elapsed_s"] == 2 and run["rc"] == 0
+    assert run["peak_mb"] > 115
+    failing = benchmark.median_run([sys.executable, "-c", "import sys; sys.exit(4)"], 3)
+    assert failing["rc"] == 4
