@@ -27,15 +27,21 @@ def test_unavailable_provider_is_refused(capsys):
     assert "not available" in capsys.readouterr().err
 
 
-def test_median_run_reports_the_median_run_and_the_highest_peak(tmp_path):
-    counter = tmp_path / "n"
-    counter.write_text("0")
-    # run n prints ELAPSED 3, 2, 1 and holds n * 40 MB: the median run is the second (80 MB), the
-    # highest peak the third's (120 MB)
-    code = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); n = int(p.read_text()) + 1; p.write_text(str(n)); "
-            "block = bytearray(n * 40_000_000); print('ELAPSED', [3, 2, 1][n - 1])")
-    run = benchmark.median_run([sys.executable, "-c", code, str(counter)], 3)
-    assert run["elapsed_s"] == 2 and run["rc"] == 0
-    assert run["peak_mb"] > 115
-    failing = benchmark.median_run([sys.executable, "-c", "import sys; sys.exit(4)"], 3)
-    assert failing["rc"] == 4
+def test_runs_take_turns_and_the_median_run_is_reported(tmp_path):
+    log = tmp_path / "log"
+    log.write_text("")
+
+    def command(name, elapsed):
+        # appends its name to the log, prints the next ELAPSED of its list, holds 40 MB per run so far
+        code = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(p.read_text() + sys.argv[2]); "
+                f"n = p.read_text().count(sys.argv[2]); block = bytearray(n * 40_000_000); "
+                f"print('ELAPSED', {elapsed}[n - 1])")
+        return [sys.executable, "-c", code, str(log), name], None
+
+    runs = benchmark.interleaved_runs({"a": command("a", [1, 1, 1]), "b": command("b", [3, 2, 1])}, 3)
+    assert log.read_text() == "ababab"
+    b = benchmark.median_of(runs["b"])
+    assert b["elapsed_s"] == 2 and b["peak_mb"] > 115  # the second run's time, the third run's peak
+    assert benchmark.median_ratio(runs["b"], runs["a"]) == 2
+    failing = benchmark.interleaved_runs({"x": ([sys.executable, "-c", "import sys; sys.exit(4)"], None)}, 3)
+    assert len(failing["x"]) == 1 and benchmark.median_of(failing["x"])["rc"] == 4

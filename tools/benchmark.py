@@ -9,8 +9,10 @@ For each model and setting it runs the CLI (``python -m udfc_onnx``) in a subpro
   same process, so machine load hits both alike) at batch 1 and 32, and the ratio
   compressed / original;
 * the compressor's own time (``elapsed`` of the run: load, compress, write, validate, fusion check)
-  against ``onnx.load`` + ``onnx.save`` of the same file, each in its own subprocess, the median
-  of ``--time-reps`` runs of each (the input read once before, so that neither pays for the disk);
+  against ``onnx.load`` + ``onnx.save`` of the same file, each in its own subprocess: ``--time-reps``
+  turns of load+save and every setting one after the other (the input read once before, so that
+  none pays for the disk); the run of median time is shown, and the ratio is the median of the
+  ratios within a turn;
 * peak memory: the highest peak RSS over those runs of each subprocess (``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a wrapper
   whose only child is the measured command), interpreter and imports included, and the same less
   the peak of a process that only imports what the command imports (``onnx`` for load+save;
@@ -71,25 +73,44 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
             "stderr": proc.stderr}
 
 
-def median_run(cmd: list[str], reps: int, env: dict | None = None, report: Path | None = None) -> dict:
-    """:func:`measured` ``reps`` times: the run of median in-process time, with the highest peak of all.
-
-    The in-process time is ``elapsed_s`` of the JSON ``report`` the command writes (kept as the
-    run's ``report``), or else the ``ELAPSED`` line it prints.
-    """
-    runs = []
-    for _ in range(max(1, reps)):
-        run = measured(cmd, env)
-        if run["rc"] != 0:
-            return run
+def timed(cmd: list[str], env: dict | None = None, report: Path | None = None) -> dict:
+    """:func:`measured` plus ``elapsed_s``, the in-process time: ``elapsed_s`` of the JSON ``report``
+    the command writes (kept as the run's ``report``), or else the ``ELAPSED`` line it prints."""
+    run = measured(cmd, env)
+    if run["rc"] == 0:
         if report is not None:
             run["report"] = json.loads(report.read_text())
             run["elapsed_s"] = run["report"]["elapsed_s"]
         else:
             run["elapsed_s"] = float([ln for ln in run["stdout"].splitlines() if ln.startswith("ELAPSED")][0].split()[1])
-        runs.append(run)
-    runs.sort(key=lambda r: r["elapsed_s"])
-    return dict(runs[len(runs) // 2], peak_mb=max(r["peak_mb"] for r in runs))
+    return run
+
+
+def interleaved_runs(commands: dict, reps: int, env: dict | None = None) -> dict[str, list[dict]]:
+    """Each of ``commands`` (key -> (argv, report path or None)) :func:`timed` ``reps`` times, in
+    turns (first, second, ..., first, second, ...) so that the machine's load hits all alike. A
+    command that fails is not run again: its list ends with the failed run."""
+    runs: dict[str, list[dict]] = {key: [] for key in commands}
+    for _ in range(max(1, reps)):
+        for key, (cmd, report) in commands.items():
+            if runs[key] and runs[key][-1]["rc"] != 0:
+                continue
+            runs[key].append(timed(cmd, env if report is not None else None, report))
+    return runs
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The run of median in-process time, with the highest peak of all (a failed run if any)."""
+    failed = [r for r in runs if r["rc"] != 0]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["elapsed_s"])
+    return dict(ordered[len(ordered) // 2], peak_mb=max(r["peak_mb"] for r in runs))
+
+
+def median_ratio(runs: list[dict], base: list[dict]) -> float:
+    """Median over the turns of ``elapsed / base elapsed`` (each ratio from runs made one after the other)."""
+    return statistics.median(r["elapsed_s"] / b["elapsed_s"] for r, b in zip(runs, base))
 
 
 def warm(path: Path) -> None:
@@ -139,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per model (ResNet-56)")
     p.add_argument("--reps-large", type=int, default=5, help="timed repetitions per model (ResNet-50)")
     p.add_argument("--time-reps", type=int, default=1,
-                   help="runs of load+save and of each compressor setting; the run of median time is reported")
+                   help="turns of load+save and every compressor setting, run in turn; medians are reported")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--limit", type=int, default=None, help="images for top-1 (default: all 10k)")
     p.add_argument("--no-accuracy", action="store_true")
@@ -180,7 +201,14 @@ def main(argv=None) -> int:
     for name, src in models.items():
         size_mb = src.stat().st_size / 1e6
         warm(src)
-        base = median_run([sys.executable, "-c", _LOAD_SAVE, str(src), str(out_dir / f"{name}_copy.onnx")], args.time_reps)
+        settings = [s for s in MODEL_SETTINGS[name] if wanted is None or s in wanted]
+        commands = {"load+save": ([sys.executable, "-c", _LOAD_SAVE, str(src), str(out_dir / f"{name}_copy.onnx")], None)}
+        for setting in settings:
+            commands[setting] = ([sys.executable, "-m", "udfc_onnx", str(src), str(out_dir / f"{name}_{setting}.onnx"),
+                                  *SETTINGS[setting], "--report", str(out_dir / f"{name}_{setting}.json"), "-q"],
+                                 out_dir / f"{name}_{setting}.json")
+        runs = interleaved_runs(commands, args.time_reps, env)
+        base = median_of(runs["load+save"])
         base_s = base["elapsed_s"]
         cost_rows.append((name, "onnx.load+onnx.save", f"{base_s:.2f}", "1.00", f"{base['wall_s']:.2f}",
                           f"{base['peak_mb']:.0f}", f"{base['peak_mb'] / size_mb:.2f}",
@@ -194,13 +222,9 @@ def main(argv=None) -> int:
             acc_data = (x, y, mean, std, accuracy)
             rows.append((name, "original (float)", "", "", "", f"{accuracy(str(src), x, y, mean, std):.2f}", ""))
         reps = args.reps if name == "resnet56_nm" else args.reps_large
-        for setting in MODEL_SETTINGS[name]:
-            if wanted is not None and setting not in wanted:
-                continue
+        for setting in settings:
             dst = out_dir / f"{name}_{setting}.onnx"
-            report_path = out_dir / f"{name}_{setting}.json"
-            run = median_run([sys.executable, "-m", "udfc_onnx", str(src), str(dst), *SETTINGS[setting],
-                              "--report", str(report_path), "-q"], args.time_reps, env, report=report_path)
+            run = median_of(runs[setting])
             if run["rc"] != 0:
                 print(f"{name} {setting}: compressor failed (exit {run['rc']}): {run['stderr'].strip()}", file=sys.stderr)
                 continue
@@ -208,7 +232,7 @@ def main(argv=None) -> int:
             fusion = report.get("fusion") or {}
             fused = f"{fusion.get('fused_convs', 0)}/{fusion.get('convs', 0)}" if fusion else "n/a"
             above = run["peak_mb"] - imports_mb["compressor"]
-            cost_rows.append((name, setting, f"{report['elapsed_s']:.2f}", f"{report['elapsed_s'] / base_s:.2f}",
+            cost_rows.append((name, setting, f"{report['elapsed_s']:.2f}", f"{median_ratio(runs[setting], runs['load+save']):.2f}",
                               f"{run['wall_s']:.2f}", f"{run['peak_mb']:.0f}", f"{run['peak_mb'] / size_mb:.2f}",
                               f"{above:.0f}", f"{above / size_mb:.2f}"))
             peaks = report.get("peak_rss_mb") or {}
