@@ -376,6 +376,22 @@ def test_bias_correction_in_row_blocks_equals_one_pass(rng, shape):
     assert _rounding_mean_shift(layer, qt, w, None) is None
 
 
+def test_numpy_hugepages_can_be_turned_off():
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy 1.x
+        from numpy.core import multiarray
+
+    from udfc_onnx.resources import no_numpy_hugepages
+
+    before = multiarray._get_madvise_hugepage()
+    try:
+        assert no_numpy_hugepages() is True
+        assert multiarray._get_madvise_hugepage() is False
+    finally:
+        multiarray._set_madvise_hugepage(before)
+
+
 def test_one_malloc_arena_is_set_where_there_is_glibc():
     import ctypes.util
 

@@ -88,14 +88,18 @@ def timed(cmd: list[str], env: dict | None = None, report: Path | None = None) -
 
 def interleaved_runs(commands: dict, reps: int, env: dict | None = None) -> dict[str, list[dict]]:
     """Each of ``commands`` (key -> (argv, report path or None)) :func:`timed` ``reps`` times, in
-    turns (first, second, ..., first, second, ...) so that the machine's load hits all alike. A
-    command that fails is not run again: its list ends with the failed run."""
+    turns (first, second, ..., first, second, ...) so that the machine's load hits all alike, with
+    the page cache's dirty data written out after each. A command that fails is not run again: its
+    list ends with the failed run."""
     runs: dict[str, list[dict]] = {key: [] for key in commands}
     for _ in range(max(1, reps)):
         for key, (cmd, report) in commands.items():
             if runs[key] and runs[key][-1]["rc"] != 0:
                 continue
             runs[key].append(timed(cmd, env if report is not None else None, report))
+            # Written files go to disk before the next run: otherwise the kernel writes them back
+            # during it (load+save's 100 MB copy slowed the compressor run after it by 30-40 %).
+            os.sync()
     return runs
 
 
