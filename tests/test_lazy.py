@@ -185,3 +185,29 @@ def test_compress_file_reads_a_weight_once_plus_once_per_use_of_its_raw_values(m
     monkeypatch.setattr(lazy, "_read", lambda t: reads.append(t.name) or original(t))
     compress_file(model_path, tmp_path / "out.onnx", CompressConfig(**settings))
     assert reads.count("conv1.weight") == reads_expected
+
+
+def test_write_model_writes_what_onnx_save_writes(tmp_path):
+    from onnx import helper
+
+    from udfc_onnx.lazy import write_model
+
+    model = conv_chain((3, 64, 96, 10), spatial=8)
+    model.metadata_props.add(key="k", value="v")
+    model.doc_string = "doc"
+    model.graph.value_info.append(helper.make_tensor_value_info("c0", onnx.TensorProto.FLOAT, None))
+    model.functions.append(helper.make_function("custom", "f", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])],
+                                                [helper.make_opsetid("", 13)]))
+    model.opset_import.append(helper.make_opsetid("custom", 1))
+    write_model(model, tmp_path / "parts.onnx")
+    onnx.save(model, str(tmp_path / "whole.onnx"))
+    parts, whole = onnx.load(str(tmp_path / "parts.onnx")), onnx.load(str(tmp_path / "whole.onnx"))
+    assert parts == whole == model
+    onnx.checker.check_model(str(tmp_path / "parts.onnx"), full_check=True)
+    empty = onnx.ModelProto()
+    empty.CopyFrom(model)
+    del empty.graph.initializer[:]
+    write_model(empty, tmp_path / "no_init.onnx")
+    assert onnx.load(str(tmp_path / "no_init.onnx")) == empty
+    with pytest.raises(ValueError, match="lazy"):  # its weights are still in the input file
+        write_model(read_lazy(tmp_path / "whole.onnx"), tmp_path / "lazy.onnx")

@@ -31,7 +31,7 @@ from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names, without_initializer_data
 from .int8 import Int8Record, fusion_report, quantize_activations
-from .lazy import lazy_bytes, materialize, tensor_array
+from .lazy import lazy_bytes, materialize, tensor_array, write_model
 from .load import PROTOBUF_LIMIT, default_opset, read_model, shape_skeleton
 from .moment_graph import estimate_layer_inputs
 from .synthetic import synthetic_moments
@@ -398,7 +398,7 @@ def _stage(model: onnx.ModelProto, out_path: Path, external: bool) -> Path:
             onnx.save(model, str(staging / out_path.name), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=out_path.name + ".data", size_threshold=1024)
         else:
-            onnx.save(model, str(staging / out_path.name))
+            write_model(model, staging / out_path.name)  # onnx.save without a model-sized buffer
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
