@@ -36,12 +36,18 @@ def test_runs_take_turns_and_the_median_run_is_reported(tmp_path):
         code = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(p.read_text() + sys.argv[2]); "
                 f"n = p.read_text().count(sys.argv[2]); block = bytearray(n * 40_000_000); "
                 f"print('ELAPSED', {elapsed}[n - 1])")
-        return [sys.executable, "-c", code, str(log), name], None
+        return [sys.executable, "-c", code, str(log), name], None, None
 
     runs = benchmark.interleaved_runs({"a": command("a", [1, 1, 1]), "b": command("b", [3, 2, 1])}, 3)
     assert log.read_text() == "ababab"
     b = benchmark.median_of(runs["b"])
     assert b["elapsed_s"] == 2 and b["peak_mb"] > 115  # the second run's time, the third run's peak
     assert benchmark.median_ratio(runs["b"], runs["a"]) == 2
-    failing = benchmark.interleaved_runs({"x": ([sys.executable, "-c", "import sys; sys.exit(4)"], None)}, 3)
+    # each run finds its output of the turn before gone
+    out = tmp_path / "out.bin"
+    writes = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); existed = p.exists(); p.write_bytes(b'x'); "
+              "print('ELAPSED', 1); sys.exit(5 if existed else 0)")
+    fresh = benchmark.interleaved_runs({"w": ([sys.executable, "-c", writes, str(out)], None, out)}, 3)
+    assert [r["rc"] for r in fresh["w"]] == [0, 0, 0]
+    failing = benchmark.interleaved_runs({"x": ([sys.executable, "-c", "import sys; sys.exit(4)"], None, None)}, 3)
     assert len(failing["x"]) == 1 and benchmark.median_of(failing["x"])["rc"] == 4

@@ -87,19 +87,21 @@ def timed(cmd: list[str], env: dict | None = None, report: Path | None = None) -
 
 
 def interleaved_runs(commands: dict, reps: int, env: dict | None = None) -> dict[str, list[dict]]:
-    """Each of ``commands`` (key -> (argv, report path or None)) :func:`timed` ``reps`` times, in
-    turns (first, second, ..., first, second, ...) so that the machine's load hits all alike, with
-    the page cache's dirty data written out after each. A command that fails is not run again: its
-    list ends with the failed run."""
+    """Each of ``commands`` (key -> (argv, report path or None, output path or None)) :func:`timed`
+    ``reps`` times, in turns (first, second, ..., first, second, ...) so that the machine's load
+    hits all alike. Before each run its output from the turn before is deleted and the page cache
+    written out, so that no run pays for writing back or freeing another's file (load+save's
+    100 MB copy, written back during the next run, had slowed that by 30-40 %). A command that
+    fails is not run again: its list ends with the failed run."""
     runs: dict[str, list[dict]] = {key: [] for key in commands}
     for _ in range(max(1, reps)):
-        for key, (cmd, report) in commands.items():
+        for key, (cmd, report, output) in commands.items():
             if runs[key] and runs[key][-1]["rc"] != 0:
                 continue
-            runs[key].append(timed(cmd, env if report is not None else None, report))
-            # Written files go to disk before the next run: otherwise the kernel writes them back
-            # during it (load+save's 100 MB copy slowed the compressor run after it by 30-40 %).
+            if output is not None:
+                Path(output).unlink(missing_ok=True)
             os.sync()
+            runs[key].append(timed(cmd, env if report is not None else None, report))
     return runs
 
 
@@ -206,11 +208,13 @@ def main(argv=None) -> int:
         size_mb = src.stat().st_size / 1e6
         warm(src)
         settings = [s for s in MODEL_SETTINGS[name] if wanted is None or s in wanted]
-        commands = {"load+save": ([sys.executable, "-c", _LOAD_SAVE, str(src), str(out_dir / f"{name}_copy.onnx")], None)}
+        copy = out_dir / f"{name}_copy.onnx"
+        commands = {"load+save": ([sys.executable, "-c", _LOAD_SAVE, str(src), str(copy)], None, copy)}
         for setting in settings:
-            commands[setting] = ([sys.executable, "-m", "udfc_onnx", str(src), str(out_dir / f"{name}_{setting}.onnx"),
-                                  *SETTINGS[setting], "--report", str(out_dir / f"{name}_{setting}.json"), "-q"],
-                                 out_dir / f"{name}_{setting}.json")
+            dst = out_dir / f"{name}_{setting}.onnx"
+            commands[setting] = ([sys.executable, "-m", "udfc_onnx", str(src), str(dst), *SETTINGS[setting],
+                                  "--report", str(out_dir / f"{name}_{setting}.json"), "-q"],
+                                 out_dir / f"{name}_{setting}.json", dst)
         runs = interleaved_runs(commands, args.time_reps, env)
         base = median_of(runs["load+save"])
         base_s = base["elapsed_s"]
