@@ -5,9 +5,9 @@
 
 For each model and setting it runs the CLI (``python -m udfc_onnx``) in a subprocess and prints:
 
-* latency: ORT median over interleaved repetitions (original, compressed, original, ... in the
-  same process, so machine load hits both alike) at batch 1 and 32, and the ratio
-  compressed / original;
+* latency: ORT median at batch 1 and 32, with ORT's default session options, and the ratio
+  compressed / original; the models take turns in the same process (a few runs each, after one
+  untimed run), so machine load hits both alike;
 * the compressor's own time (``elapsed`` of the run: load, compress, write, validate, fusion check)
   against ``onnx.load`` + ``onnx.save`` of the same file, each in its own subprocess: ``--time-reps``
   turns of load+save and every setting one after the other (the input read once before, so that
@@ -127,16 +127,25 @@ def warm(path: Path) -> None:
 
 
 def session(path: str, provider: str) -> ort.InferenceSession:
+    """A session with ORT's defaults, as a deployment gets it (thread spinning included: turning it
+    off made the int8 ResNet-56 30 % slower at batch 32, its many small kernels each waiting for
+    threads to wake, and the float model 5-10 %)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    # Interleaved sessions: without this, one session's worker threads still spin-wait while the
-    # next session runs and steal its cores (both models get the same setting).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, opts, providers=[provider])
 
 
-def latency(paths: list[str], batch: int, reps: int, provider: str, seed: int = 0) -> list[float]:
-    """Median seconds per run of each model, repetitions interleaved across the models."""
+#: Timed runs of one model per turn in :func:`latency`.
+LATENCY_BLOCK = 5
+
+
+def latency(paths: list[str], batch: int, reps: int, provider: str, seed: int = 0,
+            block: int = LATENCY_BLOCK) -> list[float]:
+    """Median seconds per run of each model over ``reps`` timed runs.
+
+    The models take turns: each turn runs one model once untimed (the other session's threads may
+    still be spinning after its last run) and then up to ``block`` times timed.
+    """
     sessions = [session(p, provider) for p in paths]
     inp = sessions[0].get_inputs()[0]
     shape = [batch] + [d if isinstance(d, int) else 32 for d in inp.shape[1:]]
@@ -145,11 +154,13 @@ def latency(paths: list[str], batch: int, reps: int, provider: str, seed: int = 
         for _ in range(2):
             s.run(None, {inp.name: x})
     times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(reps):
+    while min(len(t) for t in times) < reps:
         for i, s in enumerate(sessions):
-            t = time.perf_counter()
             s.run(None, {inp.name: x})
-            times[i].append(time.perf_counter() - t)
+            for _ in range(min(block, reps - len(times[i]))):
+                t = time.perf_counter()
+                s.run(None, {inp.name: x})
+                times[i].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
 
 
