@@ -990,8 +990,8 @@ def _solve_group(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: di
             moments = _consumer_statistics(unit, cs, arrays, index, stats)
             if moments is not None:
                 act_mean = _expected_activation(unit, cs, moments, arrays, index)
-                weighted = sub * np.asarray(cs.taps, np.float64)[None, None, :] if cs.taps else sub
-                delta = mean_residual_bias(weighted, keep, consumer_coef, act_mean)
+                taps = np.asarray(cs.taps, np.float64) if cs.taps else None
+                delta = mean_residual_bias(sub, keep, consumer_coef, act_mean, taps)
                 _shift_bias(arrays, cons.bias, delta)
                 transferred = True
         new_full = np.concatenate([full[:, :offset], new_sub, full[:, offset + C:]], axis=1)

@@ -262,13 +262,15 @@ def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
     return materialize(copy)
 
 
-def as_external_data(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Path] | None:
+def as_external_data(model: onnx.ModelProto, *, location: str | None = None) -> tuple[onnx.ModelProto, Path | None]:
     """A copy of ``model`` whose lazy tensors are ordinary external data, and their folder.
 
     Each lazy tensor becomes a plain reference (location, offset, length) to its bytes in the
     source file, relative to the returned folder. ONNX Runtime opens such a copy without reading
     the weights, when they are given to it in memory (``SessionOptions.add_initializer``, see
-    :func:`udfc_onnx.validate.open_reference`). None when ``model`` has no lazy tensor, or they
+    :func:`udfc_onnx.validate.open_reference`). With ``location``, each lazy tensor points at that
+    file instead, with no offset or length (the checker's copy, :func:`udfc_onnx.load.read_model`).
+    The folder is None when ``location`` is given, when ``model`` has no lazy tensor, or when they
     come from more than one file.
     """
     copy = onnx.ModelProto()
@@ -280,11 +282,12 @@ def as_external_data(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Path] | N
         info = {e.key: e.value for e in t.external_data}
         sources.add(info[LAZY_KEY])
         del t.external_data[:]
+        if location is not None:
+            t.external_data.add(key="location", value=location)
+            continue
         for key in ("location", "offset", "length"):
             t.external_data.add(key=key, value=info[key])
-    if len(sources) != 1:
-        return None
-    return copy, Path(sources.pop()).parent
+    return copy, Path(sources.pop()).parent if len(sources) == 1 and location is None else None
 
 
 def _copy_without(message, skip: str):

@@ -17,7 +17,7 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import InvalidModelError, UnsupportedModelError, first_line
-from .lazy import is_lazy, materialize, read_lazy, tensor_array
+from .lazy import as_external_data, is_lazy, materialize, read_lazy, tensor_array
 
 __all__ = ["LoadedModel", "read_model", "load_model", "check_supported", "check_channels", "check_finite", "shape_skeleton", "default_opset", "MIN_OPSET",
            "QUANTIZED_OPS", "PROTOBUF_LIMIT"]
@@ -227,12 +227,7 @@ def _lazy_checker_error(model: onnx.ModelProto, source: str) -> str | None:
     but the weights' bytes; those were measured already (:func:`udfc_onnx.lazy.read_lazy` matches
     each one's length to its dims and type) and :func:`check_finite` reads their values.
     """
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for t in copy.graph.initializer:
-        if is_lazy(t):
-            del t.external_data[:]
-            t.external_data.add(key="location", value=_CHECKER_STUB)
+    copy, _ = as_external_data(model, location=_CHECKER_STUB)
     try:
         with tempfile.TemporaryDirectory(prefix="udfc-check-") as folder:
             Path(folder, _CHECKER_STUB).touch()

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QuantizedTensor", "gptq_quantize", "quantize_per_channel"]
+from .solve import row_blocks
 
-# Float64 entries per block of rows in :func:`quantize_per_channel` (2 MB).
-_BLOCK_ENTRIES = 1 << 18
+__all__ = ["QuantizedTensor", "gptq_quantize", "quantize_per_channel"]
 
 
 @dataclass
@@ -73,9 +72,7 @@ def quantize_per_channel(weights: np.ndarray, bits: int, *, symmetric: bool = Tr
     q = np.empty(w.shape, np.int8)
     # In blocks of rows: the float64 temporary is a few MB, reused, instead of a fresh array
     # of the layer's size (ResNet-50: 200 MB of page faults). Same values row by row.
-    step = max(1, _BLOCK_ENTRIES // max(w[0].size, 1))
-    for start in range(0, w.shape[0], step):
-        rows = slice(start, start + step)
+    for rows in row_blocks(w.shape[0], w[0].size):
         block = w[rows] / scale[rows].reshape(shape)  # float64 (the scale is), from float32 weights
         np.rint(block, out=block)  # in place from here: fewer passes
         block += zp[rows].reshape(shape)

@@ -265,10 +265,9 @@ def open_reference(reference: onnx.ModelProto | str, *, weights: Mapping[str, np
 def _session_on_arrays(reference: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> ort.InferenceSession | None:
     """:func:`open_reference` of a lazily read model whose weights ``weights`` holds; None when ORT
     does not take it that way (the caller then lets ORT read the file and name any problem)."""
-    external = as_external_data(reference)
-    if external is None:
+    model, folder = as_external_data(reference)
+    if folder is None:
         return None
-    model, folder = external
     opts = ort.SessionOptions()
     opts.log_severity_level = _ORT_LOG_LEVEL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
