@@ -1,7 +1,9 @@
-"""tools/benchmark.py helpers (no timings asserted: only that they measure something)."""
+"""tools/benchmark.py and tools/int8_kernels.py helpers (no timings asserted: only that they measure something)."""
 import sys
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 
 from tests.graphs import conv_chain
 from tools import benchmark
@@ -51,3 +53,24 @@ def test_runs_take_turns_and_the_median_run_is_reported(tmp_path):
     assert [r["rc"] for r in fresh["w"]] == [0, 0, 0]
     failing = benchmark.interleaved_runs({"x": ([sys.executable, "-c", "import sys; sys.exit(4)"], None, None)}, 3)
     assert len(failing["x"]) == 1 and benchmark.median_of(failing["x"])["rc"] == 4
+
+
+# ---------------------------------------------------------------------------- tools/int8_kernels.py
+def test_int8_kernels_cases_and_padded_model():
+    from tools.int8_kernels import conv_model, parse_case
+
+    assert parse_case("3-16") == (3, 3, 16) and parse_case("3p4-16") == (3, 4, 16)
+    x = np.abs(np.random.default_rng(0).standard_normal((2, 3, 8, 8), dtype=np.float32))
+    plain = ort.InferenceSession(conv_model(3, 16, 2, 8, int8=True)).run(None, {"x": x})[0]
+    padded = ort.InferenceSession(conv_model(3, 16, 2, 8, int8=True, padded=4)).run(None, {"x": x})[0]
+    ref = ort.InferenceSession(conv_model(3, 16, 2, 8, int8=False)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(padded, plain)
+    assert np.abs(plain - ref).max() < 0.1 * np.abs(ref).max()  # the int8 model computes the float conv
+
+
+def test_int8_kernels_prints_one_row_per_case(capsys):
+    from tools.int8_kernels import main as kernels_main
+
+    assert kernels_main(["--cases", "3-16,3p4-16", "--batch", "1", "--size", "8", "--reps", "2"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 3->16")]
+    assert [r.split("|")[2].strip() for r in rows] == ["3", "4"]

@@ -125,6 +125,28 @@ def test_narrow_range_4bit_weights_keep_the_fused_kernel(tmp_path):
     assert weights and all(np.abs(w).max() <= 7 for w in weights)
 
 
+@pytest.mark.parametrize("in_channels, padded", [(3, 4), (5, 8), (4, None)])
+def test_int8_conv_input_channels_are_padded_to_a_multiple_of_4(in_channels, padded, tmp_path, rng, monkeypatch):
+    # ORT's fast int8 conv kernel takes input channel counts that are multiples of 4 only (an RGB
+    # stem is not): zero channels, in the uint8 input and the weight, change no output value.
+    import udfc_onnx.int8 as int8
+
+    model = build_conv_chain(channels=(in_channels, 16, 16))
+    config = CompressConfig(**W8A8)
+    result = compress_model(model, config)
+    stem = result.model.graph.node[[n.op_type for n in result.model.graph.node].index("Conv")].name
+    assert result.int8.padded_inputs == ({stem: (in_channels, padded)} if padded else {})
+    pads = [n for n in result.model.graph.node if n.op_type == "Pad"]
+    assert len(pads) == (1 if padded else 0)
+    report, path = fused(result.model, tmp_path)
+    assert report.fused_convs == report.convs == 2 and not report.warnings
+    monkeypatch.setattr(int8, "CONV_INPUT_CHANNEL_MULTIPLE", 1)
+    plain = compress_model(model, config)
+    assert not plain.int8.padded_inputs
+    x = rng.standard_normal((4, in_channels, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(run(path, x), run(plain.model, x))  # the same values, bit for bit
+
+
 @pytest.mark.parametrize("activations, multiple, kept", [
     ("uint8", None, [16, 32, 48, 48]),  # int8 default: multiples of 16 (9 -> 16 leaves a unit whole)
     ("uint8", 1, [9, 19, 38, 38]),      # the paper's int(C*(1-r))

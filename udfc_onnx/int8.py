@@ -41,7 +41,7 @@ from .stats import BNStats
 
 __all__ = ["Int8Record", "FusionReport", "estimate_dists", "data_free_ranges", "calibrate_ranges",
            "load_calibration", "emit_int8_qdq", "check_fusion", "fusion_report", "save_optimized_graph", "INT4_OPSET",
-           "NORMALIZATIONS"]
+           "NORMALIZATIONS", "CONV_INPUT_CHANNEL_MULTIPLE"]
 
 INT4_OPSET = 21
 # Ops whose output is the input's values rearranged: ORT drops their Q/DQ when both share params.
@@ -58,6 +58,11 @@ NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
 }
+# ORT's fast int8 conv (MLAS's symmetric indirect-conv kernel, MlasConvSymPackWSize) takes only
+# convs whose input channels are a multiple of 4; any other falls back to im2col + int8 GEMM.
+# An RGB stem (3 channels) does: on ResNet-56 at batch 32 its QLinearConv took 0.76-0.89 ms
+# against 0.34 ms with a fourth, zero channel (tools/benchmark.py measures the whole model).
+CONV_INPUT_CHANNEL_MULTIPLE = 4
 _QLINEAR = {"QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
             "QLinearAveragePool", "QLinearConcat", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu"}
 
@@ -78,6 +83,9 @@ class Int8Record:
         Relu/Clip nodes made redundant by a zero-point-0 QuantizeLinear.
     range_source : str
         "bn statistics" or "calibration (N samples)".
+    padded_inputs : dict of str to (int, int)
+        Convs whose int8 input was given zero channels (node -> (channels, padded channels)),
+        see :data:`CONV_INPUT_CHANNEL_MULTIPLE`.
     """
 
     int8_layers: list = field(default_factory=list)
@@ -85,6 +93,7 @@ class Int8Record:
     quantized_tensors: int = 0
     absorbed_activations: int = 0
     range_source: str = ""
+    padded_inputs: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,13 +541,38 @@ def emit_int8_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor],
                                           name=names(f"{tensor}_DequantizeLinear")))
         return out
 
-    def add_weight(node: onnx.NodeProto, full: bool, x_name: str) -> None:
+    def add_padded_dq(tensor: str, pad: int, rank: int) -> str:
+        """DQ of ``tensor`` with ``pad`` more channels of its zero point (Pad on the uint8 values:
+        they dequantize to exact zeros, which the padded weight's zero channels multiply)."""
+        q_name, s_name, z_name = qnames[tensor]
+        pads = np.zeros(2 * rank, np.int64)
+        pads[rank + 1] = pad  # after the last channel
+        p_name, padded = names(f"{tensor}_channel_pads"), names(f"{tensor}_quantized_padded")
+        inits.append(numpy_helper.from_array(pads, p_name))
+        new_nodes.append(helper.make_node("Pad", [q_name, p_name, z_name], [padded], mode="constant",
+                                          name=names(f"{tensor}_channel_Pad")))
+        out = names(f"{tensor}_dequantized")
+        new_nodes.append(helper.make_node("DequantizeLinear", [padded, s_name, z_name], [out],
+                                          name=names(f"{tensor}_DequantizeLinear")))
+        return out
+
+    def input_pad(node: onnx.NodeProto) -> int:
+        """Zero input channels that put an int8 Conv on ORT's fast kernel (see CONV_INPUT_CHANNEL_MULTIPLE)."""
+        if node.op_type != "Conv" or node.name not in int8_nodes or int(attribute(node, "group", 1)) != 1 \
+                or int4_storage or node.input[0] not in qnames:
+            return 0
+        return -quantized[layer_of[node.name].weight].q.shape[1] % CONV_INPUT_CHANNEL_MULTIPLE
+
+    def add_weight(node: onnx.NodeProto, full: bool, x_name: str, pad: int = 0) -> None:
         lay = layer_of[node.name]
         qt = quantized[lay.weight]
         axis = 0 if lay.kind == "conv" or lay.trans_b else 1
         base = lay.weight
         w_name, ws_name, wz_name = names(f"{base}_quantized"), names(f"{base}_scale"), names(f"{base}_zero_point")
-        inits.append(_int_tensor(lay.stored(qt.q), w_name, int4_storage))
+        q = lay.stored(qt.q)
+        if pad:  # zero weights for the zero input channels (a conv's weight is stored out-channel-major)
+            q = np.pad(q, [(0, 0), (0, pad)] + [(0, 0)] * (q.ndim - 2))
+        inits.append(_int_tensor(q, w_name, int4_storage))
         inits.append(numpy_helper.from_array(qt.scale.astype(np.float32), ws_name))
         inits.append(_int_tensor(qt.zero_point, wz_name, int4_storage))
         w_out = names(f"{base}_dequantized")
@@ -567,12 +601,18 @@ def emit_int8_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor],
     pending_outputs: list[str] = []
     for node in list(model.graph.node):
         x_name = node.input[0] if node.input else ""
+        pad = input_pad(node)
         for i, name in enumerate(node.input):
-            if name in qnames:
+            if i == 0 and pad:
+                rank = quantized[layer_of[node.name].weight].q.ndim
+                node.input[0] = add_padded_dq(name, pad, rank)
+                channels = quantized[layer_of[node.name].weight].q.shape[1]
+                record.padded_inputs[node.name] = (channels, channels + pad)
+            elif name in qnames:
                 node.input[i] = add_dq(name)
         if node.op_type in ("Conv", "Gemm") and node.name in layer_of and layer_of[node.name].weight in quantized:
             full = node.name in int8_nodes
-            add_weight(node, full, x_name)
+            add_weight(node, full, x_name, pad)
             if full:
                 record.int8_layers.append(node.name)
             else:

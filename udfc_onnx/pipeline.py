@@ -30,7 +30,7 @@ from .config import INT8_CHANNEL_MULTIPLE, CompressConfig
 from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names, without_initializer_data
-from .int8 import Int8Record, fusion_report, quantize_activations
+from .int8 import CONV_INPUT_CHANNEL_MULTIPLE, Int8Record, fusion_report, quantize_activations
 from .lazy import lazy_bytes, materialize, tensor_array, write_model
 from .load import PROTOBUF_LIMIT, default_opset, read_model, shape_skeleton
 from .moment_graph import estimate_layer_inputs
@@ -236,6 +236,11 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
                                                arrays=current)
         notes.append(f"int8: {len(int8.int8_layers)} Conv/Gemm with uint8 activations, {len(int8.weight_only)} weight-only; "
                      f"ranges from {int8.range_source}")
+        if int8.padded_inputs:
+            name, (channels, padded) = next(iter(int8.padded_inputs.items()))
+            notes.append(f"int8: {len(int8.padded_inputs)} Conv input(s) given zero channels up to a multiple of "
+                         f"{CONV_INPUT_CHANNEL_MULTIPLE}, which ORT's fast int8 conv kernel needs (e.g. {name}: "
+                         f"{channels} -> {padded}); the outputs are the same")
     elif solution.quantized:
         rewritten, _ = emit_weight_qdq(rewritten, solution.quantized, layers, inplace=True)
     del current, to_write  # everything is in the model now
