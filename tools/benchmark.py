@@ -6,8 +6,8 @@
 For each model and setting it runs the CLI (``python -m udfc_onnx``) in a subprocess and prints:
 
 * latency: ORT median at batch 1 and 32, with ORT's default session options, and the ratio
-  compressed / original; the models take turns in the same process (a few runs each, after one
-  untimed run), so machine load hits both alike;
+  compressed / original; each model runs in a process of its own, the models taking turns (a
+  process of a few timed runs each, after 50 ms of untimed runs), so machine load hits both alike;
 * the compressor's own time (``elapsed`` of the run: load, compress, write, validate, fusion check)
   against ``onnx.load`` + ``onnx.save`` of the same file, each in its own subprocess: ``--time-reps``
   turns of load+save and every setting one after the other (the input read once before, so that
@@ -32,10 +32,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -126,41 +124,48 @@ def warm(path: Path) -> None:
             pass
 
 
-def session(path: str, provider: str) -> ort.InferenceSession:
-    """A session with ORT's defaults, as a deployment gets it (thread spinning included: turning it
-    off made the int8 ResNet-56 30 % slower at batch 32, its many small kernels each waiting for
-    threads to wake, and the float model 5-10 %)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, opts, providers=[provider])
-
-
-#: Timed runs of one model per turn in :func:`latency`.
-LATENCY_BLOCK = 5
+#: What :func:`latency` runs in a process of its own for one model: a session with ORT's defaults,
+#: as a deployment gets it (thread spinning included: turning it off made the int8 ResNet-56 30 %
+#: slower at batch 32, its many small kernels each waiting for threads to wake), untimed runs for
+#: at least ``WARM_S`` seconds, then the timed runs; it prints their seconds as JSON.
+_LATENCY = ("import json, sys, time, numpy as np, onnxruntime as ort\n"
+            "path, provider, batch, runs, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])\n"
+            "opts = ort.SessionOptions(); opts.log_severity_level = 3\n"
+            "s = ort.InferenceSession(path, opts, providers=[provider])\n"
+            "inp = s.get_inputs()[0]\n"
+            "shape = [batch] + [d if isinstance(d, int) else 32 for d in inp.shape[1:]]\n"
+            "x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)\n"
+            "t0 = time.perf_counter(); s.run(None, {inp.name: x}); s.run(None, {inp.name: x})\n"
+            "while time.perf_counter() - t0 < %r: s.run(None, {inp.name: x})\n"
+            "times = []\n"
+            "for _ in range(runs):\n"
+            "    t = time.perf_counter(); s.run(None, {inp.name: x}); times.append(time.perf_counter() - t)\n"
+            "print(json.dumps(times))\n")
+#: Timed runs of one model per process in :func:`latency`.
+LATENCY_BLOCK = 10
+WARM_S = 0.05
 
 
 def latency(paths: list[str], batch: int, reps: int, provider: str, seed: int = 0,
             block: int = LATENCY_BLOCK) -> list[float]:
     """Median seconds per run of each model over ``reps`` timed runs.
 
-    The models take turns: each turn runs one model once untimed (the other session's threads may
-    still be spinning after its last run) and then up to ``block`` times timed.
+    Each model runs in a process of its own, as it would be deployed: models compared within one
+    process disturbed each other on 2 cores, one session's threads spinning on while the other ran
+    (resnet56_nm p50-w4a8 int8 at batch 32: 14-17 ms per run taking turns with the float model in
+    one process, 11.4-12.5 ms when each turn began after a pause, 11.6-14.4 ms alone). The models
+    take turns, a process of up to ``block`` timed runs each, so that the machine's load hits
+    all alike.
     """
-    sessions = [session(p, provider) for p in paths]
-    inp = sessions[0].get_inputs()[0]
-    shape = [batch] + [d if isinstance(d, int) else 32 for d in inp.shape[1:]]
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    for s in sessions:  # warm-up: allocations, kernel selection
-        for _ in range(2):
-            s.run(None, {inp.name: x})
-    times: list[list[float]] = [[] for _ in sessions]
+    times: list[list[float]] = [[] for _ in paths]
     while min(len(t) for t in times) < reps:
-        for i, s in enumerate(sessions):
-            s.run(None, {inp.name: x})
-            for _ in range(min(block, reps - len(times[i]))):
-                t = time.perf_counter()
-                s.run(None, {inp.name: x})
-                times[i].append(time.perf_counter() - t)
+        for i, path in enumerate(paths):
+            runs = min(block, reps - len(times[i]))
+            if runs <= 0:
+                continue
+            proc = subprocess.run([sys.executable, "-c", _LATENCY % WARM_S, path, provider, str(batch), str(runs), str(seed)],
+                                  capture_output=True, text=True, check=True)
+            times[i].extend(json.loads(proc.stdout.strip().splitlines()[-1]))
     return [statistics.median(t) for t in times]
 
 
