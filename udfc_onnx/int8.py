@@ -38,6 +38,7 @@ from .graph import GraphView, attribute, remove_unused, set_initializer
 from .lazy import materialized
 from .quant import QuantizedTensor
 from .stats import BNStats
+from .validate import session
 
 __all__ = ["Int8Record", "FusionReport", "estimate_dists", "data_free_ranges", "calibrate_ranges",
            "load_calibration", "emit_int8_qdq", "check_fusion", "fusion_report", "save_optimized_graph", "INT4_OPSET",
@@ -704,11 +705,8 @@ def check_fusion(model_path: str | os.PathLike) -> FusionReport:
     fd, optimized_path = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        save_optimized_graph(opts, optimized_path)
-        ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        session(str(model_path), optimized_path=optimized_path,
+                graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         return fusion_report(model_path, optimized_path)
     finally:
         for path in (optimized_path, optimized_path + ".data"):
