@@ -168,6 +168,17 @@ def test_pruning_below_16_channels_in_int8_is_flagged(tmp_path, capsys):
     assert main([str(src), str(out), "--activations", "uint8", "--prune-ratio", "0.5", "--channel-multiple", "1"]) == 0
     printed = capsys.readouterr().out
     assert "warning: 1 pruned unit(s) keep fewer than 16 channels" in printed and ": 8/16)" in printed
+
+
+def test_pruned_counts_off_the_fast_kernels_multiple_of_8_are_flagged(tmp_path, capsys):
+    src, out = tmp_path / "chain.onnx", tmp_path / "out.onnx"
+    onnx.save(build_conv_chain(channels=(3, 32, 32, 32)), src)
+    args = [str(src), str(out), "--activations", "uint8", "--prune-ratio", "0.4", "--channel-multiple"]
+    assert main(args + ["1"]) == 0  # int(32 * 0.6) = 19
+    printed = capsys.readouterr().out
+    assert "warning: 3 pruned unit(s) keep a channel count that is not a multiple of 8" in printed and ": 19/32)" in printed
+    assert main(args + ["8"]) == 0  # 24
+    assert "not a multiple of 8" not in capsys.readouterr().out
     out.unlink()
     assert main([str(src), str(out), "--activations", "uint8", "--prune-ratio", "0.5"]) == 0
     assert "fewer than 16" not in capsys.readouterr().out

@@ -292,6 +292,9 @@ class _Clock:
         self._last = now
 
 
+#: ORT's fast int8 conv kernel takes output channel counts that are multiples of this (and 16 or more).
+FAST_OUTPUT_CHANNEL_MULTIPLE = 8
+
 # Random-input check budget: multiply-accumulates of the original over all samples (8 CIFAR
 # ResNets, 1 ResNet-50 image at 224x224; at least one sample always), so validating a large model
 # stays a fraction of a run.
@@ -642,4 +645,13 @@ def _check_fusion(path: Path, optimized: str | None, solution: Solution, notes: 
             f"{len(narrow)} pruned unit(s) keep fewer than {INT8_CHANNEL_MULTIPLE} channels (e.g. {narrow[0].producer}: "
             f"{narrow[0].kept}/{narrow[0].channels}): ORT's QLinearConv runs such convs no faster than with "
             f"{INT8_CHANNEL_MULTIPLE}, so that pruning costs accuracy for no speed (--channel-multiple 16 avoids it)")
+    # ORT's fast int8 conv takes output channel counts that are multiples of 8 only (MlasConvSymPackWSize):
+    # a pruned 32-channel conv keeping 19 ran 1.7x as long as one keeping 24 (tools/int8_kernels.py).
+    odd = [u for u in solution.units if u.kept >= INT8_CHANNEL_MULTIPLE and u.kept % FAST_OUTPUT_CHANNEL_MULTIPLE
+           and u.channels % FAST_OUTPUT_CHANNEL_MULTIPLE == 0]
+    if fusion.fused_convs and odd:
+        report["warnings"].append(
+            f"{len(odd)} pruned unit(s) keep a channel count that is not a multiple of {FAST_OUTPUT_CHANNEL_MULTIPLE} "
+            f"(e.g. {odd[0].producer}: {odd[0].kept}/{odd[0].channels}): ORT's fast int8 conv kernel does not take "
+            f"them, so they run on a slower path (--channel-multiple 16 avoids it)")
     return report
