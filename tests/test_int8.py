@@ -103,6 +103,21 @@ def test_every_layer_is_fused_and_outputs_stay_close(builder, qlinear, tmp_path,
     assert cosine(run(path, x), run(model, x)) > 0.99
 
 
+def test_pruned_densenet_is_int8_throughout(tmp_path, rng):
+    # Its transition BN stays in the graph after a Concat of pruned layers: the conv reading it
+    # gets a range from the BN's sliced parameters (its statistics count every channel).
+    from models.builders import BUILDERS
+
+    model = BUILDERS["densenet"]()
+    result = compress_model(model, CompressConfig(prune_ratio=0.3, **W8A8))
+    assert any(u.kept < u.channels for u in result.solution.units)
+    assert not result.int8.weight_only
+    report, path = fused(result.model, tmp_path)
+    assert report.fused_convs == report.convs
+    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    assert cosine(run(path, x), run(model, x)) > 0.99
+
+
 def test_bias_is_int32_with_input_times_weight_scale(tmp_path):
     result = compress_model(conv_chain(), CompressConfig(**W8A8))
     model = result.model

@@ -265,6 +265,11 @@ def _node_dist(view, node, dists, stats, keep, pool_variance) -> Dist | None:
         except ValueError:
             return None
     if op == "BatchNormalization":
+        if len(node.input) >= 3 and all(view.is_constant(i) for i in node.input[1:3]):
+            # Its scale and bias as the graph holds them now: a BN left in place after a Concat
+            # (DenseNet) loses the channels pruned upstream, which its statistics still count.
+            gamma, beta = (np.asarray(view.array(i), np.float64).reshape(-1) for i in node.input[1:3])
+            return Dist(beta, np.abs(gamma), source="bn")
         st = stats.get(node.name)
         return Dist(st.beta, np.abs(st.gamma), source="bn") if st is not None else None
     if src is None:
