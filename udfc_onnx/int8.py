@@ -61,9 +61,13 @@ NORMALIZATIONS = {
 }
 # ORT's fast int8 conv (MLAS's symmetric indirect-conv kernel, MlasConvSymPackWSize) takes only
 # convs whose input channels are a multiple of 4; any other falls back to im2col + int8 GEMM.
-# An RGB stem (3 channels) does: on ResNet-56 at batch 32 its QLinearConv took 0.76-0.89 ms
-# against 0.34 ms with a fourth, zero channel (tools/benchmark.py measures the whole model).
+# An RGB stem (3 channels) does: a 3->16 QDQ conv at batch 32, 32x32 ran 1.04 ms with 3 input
+# channels and 0.58 ms with a fourth, zero one (tools/int8_kernels.py).
 CONV_INPUT_CHANNEL_MULTIPLE = 4
+# ... and output channel counts of at least 16 in multiples of 8 (same function). Pruned counts are
+# kept on it (config.INT8_CHANNEL_MULTIPLE); other convs are reported (FusionReport.slow_convs).
+FAST_CONV_MIN_OUTPUT_CHANNELS = 16
+FAST_CONV_OUTPUT_CHANNEL_MULTIPLE = 8
 _QLINEAR = {"QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
             "QLinearAveragePool", "QLinearConcat", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu"}
 
@@ -673,6 +677,9 @@ class FusionReport:
         Float Conv/Gemm/MatMul whose weight still goes through a DequantizeLinear at run time.
     leftover_q, leftover_dq : int
         Activation QuantizeLinear/DequantizeLinear nodes ORT could not fold into a kernel.
+    slow_convs : list of str
+        QLinearConv nodes (group 1) whose channel counts ORT's fast int8 conv kernel does not take
+        (see :data:`CONV_INPUT_CHANNEL_MULTIPLE`), as ``"name: in->out"``.
     warnings : list of str
     """
 
@@ -684,6 +691,7 @@ class FusionReport:
     float_weight_dq: int = 0
     leftover_q: int = 0
     leftover_dq: int = 0
+    slow_convs: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
 
     def summary(self) -> str:
@@ -737,11 +745,16 @@ def fusion_report(model_path: str | os.PathLike, optimized_path: str | os.PathLi
     del written
     optimized = onnx.load(str(optimized_path), load_external_data=False)
     producers = {o: n for n in optimized.graph.node for o in n.output}
-    inits = {t.name for t in optimized.graph.initializer}
+    inits = {t.name: list(t.dims) for t in optimized.graph.initializer}
     for node in optimized.graph.node:
         op = node.op_type
         if op in _QLINEAR:
             report.qlinear_ops[op] = report.qlinear_ops.get(op, 0) + 1
+        if op == "QLinearConv" and len(node.input) > 3 and int(attribute(node, "group", 1)) == 1:
+            dims = inits.get(node.input[3])  # the int8 weight, (out, in, kh, kw)
+            if dims and len(dims) > 2 and (dims[0] < FAST_CONV_MIN_OUTPUT_CHANNELS or dims[0] % FAST_CONV_OUTPUT_CHANNEL_MULTIPLE
+                                           or dims[1] % CONV_INPUT_CHANNEL_MULTIPLE):
+                report.slow_convs.append(f"{node.name}: {dims[1]}->{dims[0]}")
         if op in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm") and len(node.input) > 1:
             prod = producers.get(node.input[1])
             if prod is not None and prod.op_type == "DequantizeLinear":
@@ -761,6 +774,11 @@ def fusion_report(model_path: str | os.PathLike, optimized_path: str | os.PathLi
     if int4_storage:
         report.warnings.append("INT4 weight storage only makes the file smaller: ORT does not fuse INT4 weights "
                                "into int8 kernels, so this model runs slower than float.")
+    if report.slow_convs:
+        report.warnings.append(
+            f"{len(report.slow_convs)} QLinearConv(s) have channel counts ORT's fast int8 conv kernel does not take "
+            f"(e.g. {report.slow_convs[0]}; it needs {FAST_CONV_MIN_OUTPUT_CHANNELS} or more output channels in multiples "
+            f"of {FAST_CONV_OUTPUT_CHANNEL_MULTIPLE}): they run on a slower int8 path, a 16->8 conv about as slow as float")
     if report.convs and report.fused_convs < report.convs and not report.float_weight_dq:
         report.warnings.append(f"only {report.fused_convs} of {report.convs} Convs became QLinearConv")
     return report

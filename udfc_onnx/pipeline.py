@@ -30,7 +30,8 @@ from .config import INT8_CHANNEL_MULTIPLE, CompressConfig
 from .errors import InvalidConfigError, ValidationError, first_line
 from .fold import FoldRecord, fold_batchnorm
 from .graph import GraphView, attribute, ensure_node_names, without_initializer_data
-from .int8 import CONV_INPUT_CHANNEL_MULTIPLE, Int8Record, fusion_report, quantize_activations
+from .int8 import (CONV_INPUT_CHANNEL_MULTIPLE, FAST_CONV_OUTPUT_CHANNEL_MULTIPLE, Int8Record, fusion_report,
+                   quantize_activations)
 from .lazy import lazy_bytes, materialize, tensor_array, write_model
 from .load import PROTOBUF_LIMIT, default_opset, read_model, shape_skeleton
 from .moment_graph import estimate_layer_inputs
@@ -291,9 +292,6 @@ class _Clock:
             self.peaks[label] = round(peak, 1)
         self._last = now
 
-
-#: ORT's fast int8 conv kernel takes output channel counts that are multiples of this (and 16 or more).
-FAST_OUTPUT_CHANNEL_MULTIPLE = 8
 
 # Random-input check budget: multiply-accumulates of the original over all samples (8 CIFAR
 # ResNets, 1 ResNet-50 image at 224x224; at least one sample always), so validating a large model
@@ -647,11 +645,11 @@ def _check_fusion(path: Path, optimized: str | None, solution: Solution, notes: 
             f"{INT8_CHANNEL_MULTIPLE}, so that pruning costs accuracy for no speed (--channel-multiple 16 avoids it)")
     # ORT's fast int8 conv takes output channel counts that are multiples of 8 only (MlasConvSymPackWSize):
     # a pruned 32-channel conv keeping 19 ran 1.7x as long as one keeping 24 (tools/int8_kernels.py).
-    odd = [u for u in solution.units if u.kept >= INT8_CHANNEL_MULTIPLE and u.kept % FAST_OUTPUT_CHANNEL_MULTIPLE
-           and u.channels % FAST_OUTPUT_CHANNEL_MULTIPLE == 0]
+    odd = [u for u in solution.units if u.kept >= INT8_CHANNEL_MULTIPLE and u.kept % FAST_CONV_OUTPUT_CHANNEL_MULTIPLE
+           and u.channels % FAST_CONV_OUTPUT_CHANNEL_MULTIPLE == 0]
     if fusion.fused_convs and odd:
         report["warnings"].append(
-            f"{len(odd)} pruned unit(s) keep a channel count that is not a multiple of {FAST_OUTPUT_CHANNEL_MULTIPLE} "
+            f"{len(odd)} pruned unit(s) keep a channel count that is not a multiple of {FAST_CONV_OUTPUT_CHANNEL_MULTIPLE} "
             f"(e.g. {odd[0].producer}: {odd[0].kept}/{odd[0].channels}): ORT's fast int8 conv kernel does not take "
             f"them, so they run on a slower path (--channel-multiple 16 avoids it)")
     return report
