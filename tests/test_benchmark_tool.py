@@ -59,7 +59,8 @@ def test_runs_take_turns_and_the_median_run_is_reported(tmp_path):
 def test_int8_kernels_cases_and_padded_model():
     from tools.int8_kernels import conv_model, parse_case
 
-    assert parse_case("3-16") == (3, 3, 16) and parse_case("3p4-16") == (3, 4, 16)
+    assert parse_case("3-16") == (3, 3, 16, 1) and parse_case("3p4-16") == (3, 4, 16, 1)
+    assert parse_case("dw24") == (24, 24, 24, 24)
     x = np.abs(np.random.default_rng(0).standard_normal((2, 3, 8, 8), dtype=np.float32))
     plain = ort.InferenceSession(conv_model(3, 16, 2, 8, int8=True)).run(None, {"x": x})[0]
     padded = ort.InferenceSession(conv_model(3, 16, 2, 8, int8=True, padded=4)).run(None, {"x": x})[0]
@@ -71,6 +72,8 @@ def test_int8_kernels_cases_and_padded_model():
 def test_int8_kernels_prints_one_row_per_case(capsys):
     from tools.int8_kernels import main as kernels_main
 
-    assert kernels_main(["--cases", "3-16,3p4-16", "--batch", "1", "--size", "8", "--reps", "2"]) == 0
-    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 3->16")]
+    assert kernels_main(["--cases", "3-16,3p4-16,dw24", "--batch", "1", "--size", "8", "--reps", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in out if ln.startswith("| 3->16")]
     assert [r.split("|")[2].strip() for r in rows] == ["3", "4"]
+    assert any(ln.startswith("| depthwise 24 | 24 |") for ln in out)

@@ -120,6 +120,17 @@ def test_pruned_densenet_is_int8_throughout(tmp_path, rng):
     assert cosine(run(path, x), run(model, x)) > 0.99
 
 
+@pytest.mark.parametrize("channels, expansion, slow", [(16, 4, []), (8, 3, ["depthwise 24"])])
+def test_depthwise_channel_counts_off_the_fast_kernel_are_listed(channels, expansion, slow, tmp_path):
+    # ORT's int8 depthwise kernel takes multiples of 16 channels (64 is one, 24 is not)
+    from models.builders import build_depthwise_block
+
+    model = build_depthwise_block(channels=channels, expansion=expansion)
+    report, _ = fused(compress_model(model, CompressConfig(**W8A8)).model, tmp_path)
+    assert report.fused_convs == report.convs
+    assert [c.split(": ", 1)[1] for c in report.slow_convs if "depthwise" in c] == slow
+
+
 def test_bias_is_int32_with_input_times_weight_scale(tmp_path):
     result = compress_model(conv_chain(), CompressConfig(**W8A8))
     model = result.model

@@ -1,12 +1,12 @@
 """Which conv shapes ORT's CPU int8 kernels run fast: one 3x3 conv, float against QDQ int8.
 
-    python tools/int8_kernels.py [--cases 3-16,3p4-16,16-16,16-8,8-16,16-24] [--batch 32] [--size 32] [--reps 100]
+    python tools/int8_kernels.py [--cases 3-16,3p4-16,16-16,16-8,8-16,16-24,dw24] [--batch 32] [--size 32] [--reps 100]
 
 Each case ``CIN-COUT`` is one Conv (3x3, padding 1, stride 1) followed by ReLU, at batch
 ``--batch`` on ``--size`` x ``--size`` maps: the float model, and the same conv written as full QDQ
 as ``--activations uint8`` writes it (uint8 input and output with their QuantizeLinear and
 DequantizeLinear, int8 symmetric per-channel weights, int32 bias), which ORT fuses into QLinearConv.
-``CINpN-COUT`` gives the int8 conv's input N channels instead of CIN: a Pad of the uint8 input with its
+``dwC`` is a depthwise conv of C channels. ``CINpN-COUT`` gives the int8 conv's input N channels instead of CIN: a Pad of the uint8 input with its
 zero point and zero weights, as the emitter does for input channel counts that are not a multiple of
 4 (the outputs are the same; the script checks it). The models take turns, so machine load hits all
 alike; the table gives the median of each and the int8/float ratio measured in this run.
@@ -21,25 +21,30 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-DEFAULT_CASES = "3-16,3p4-16,16-16,16-12,16-8,8-16,16-24,32-32"
+DEFAULT_CASES = "3-16,3p4-16,16-16,16-12,16-8,8-16,16-24,32-32,dw24,dw32"
 
 
-def parse_case(text: str) -> tuple[int, int, int]:
-    """``"CIN-COUT"`` or ``"CINpPADDED-COUT"`` -> (input channels, int8 input channels, output channels)."""
+def parse_case(text: str) -> tuple[int, int, int, int]:
+    """``"CIN-COUT"``, ``"CINpPADDED-COUT"`` or ``"dwC"`` (depthwise, C channels) ->
+    (input channels, int8 input channels, output channels, groups)."""
+    if text.startswith("dw"):
+        c = int(text[2:])
+        return c, c, c, c
     left, cout = text.split("-")
     cin, _, padded = left.partition("p")
-    return int(cin), int(padded or cin), int(cout)
+    return int(cin), int(padded or cin), int(cout), 1
 
 
 def conv_model(cin: int, cout: int, batch: int, size: int, *, int8: bool, padded: int | None = None,
-               seed: int = 0) -> bytes:
-    """One Conv3x3 + ReLU, float or QDQ int8 (``padded``: int8 input channels, zero-padded)."""
+               seed: int = 0, groups: int = 1) -> bytes:
+    """One Conv3x3 + ReLU, float or QDQ int8 (``padded``: int8 input channels, zero-padded;
+    ``groups``: the conv's groups, ``cin`` for a depthwise conv)."""
     rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
+    w = (rng.standard_normal((cout, cin // groups, 3, 3)) / np.sqrt(9 * cin / groups)).astype(np.float32)
     b = (0.1 * rng.standard_normal(cout)).astype(np.float32)
     x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, cin, size, size])
     y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, cout, size, size])
-    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=groups)
     if not int8:
         nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **conv), helper.make_node("Relu", ["c"], ["y"])]
         inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
@@ -98,13 +103,14 @@ def main(argv=None) -> int:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sessions, inputs = {}, {}
-    for text, cin, padded, cout in cases:
-        sessions[(text, "float")] = ort.InferenceSession(conv_model(cin, cout, args.batch, args.size, int8=False), opts)
+    for text, cin, padded, cout, groups in cases:
+        sessions[(text, "float")] = ort.InferenceSession(
+            conv_model(cin, cout, args.batch, args.size, int8=False, groups=groups), opts)
         sessions[(text, "int8")] = ort.InferenceSession(
-            conv_model(cin, cout, args.batch, args.size, int8=True, padded=padded), opts)
+            conv_model(cin, cout, args.batch, args.size, int8=True, padded=padded, groups=groups), opts)
         inputs[cin] = np.abs(np.random.default_rng(1).standard_normal((args.batch, cin, args.size, args.size),
                                                                       dtype=np.float32))
-    for text, cin, padded, cout in cases:  # a padded case computes what its plain int8 case computes
+    for text, cin, padded, cout, _ in cases:  # a padded case computes what its plain int8 case computes
         if padded != cin:
             plain = ort.InferenceSession(conv_model(cin, cout, args.batch, args.size, int8=True), opts)
             same = np.array_equal(plain.run(None, {"x": inputs[cin]})[0],
@@ -115,10 +121,11 @@ def main(argv=None) -> int:
     print(f"onnxruntime {ort.__version__}; one 3x3 conv + ReLU, batch {args.batch}, {args.size}x{args.size}, "
           f"median of {args.reps} runs, models taking turns\n")
     print("| case | int8 input channels | float ms | int8 ms | int8 / float |\n|---|---|---|---|---|")
-    for text, cin, padded, cout in cases:
+    for text, cin, padded, cout, groups in cases:
         pair = {k: sessions[(text, k)] for k in ("float", "int8")}
         t = timed_turns(pair, inputs[cin], args.reps)
-        print(f"| {cin}->{cout} | {padded} | {t['float'] * 1e3:.3f} | {t['int8'] * 1e3:.3f} | {t['int8'] / t['float']:.2f}x |")
+        name = f"depthwise {cin}" if groups > 1 else f"{cin}->{cout}"
+        print(f"| {name} | {padded} | {t['float'] * 1e3:.3f} | {t['int8'] * 1e3:.3f} | {t['int8'] / t['float']:.2f}x |")
     return 0
 
 

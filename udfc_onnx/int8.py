@@ -68,6 +68,9 @@ CONV_INPUT_CHANNEL_MULTIPLE = 4
 # kept on it (config.INT8_CHANNEL_MULTIPLE); other convs are reported (FusionReport.slow_convs).
 FAST_CONV_MIN_OUTPUT_CHANNELS = 16
 FAST_CONV_OUTPUT_CHANNEL_MULTIPLE = 8
+# Its depthwise kernel takes channel counts in multiples of 16: depthwise 40 ran 2.6x the time of
+# depthwise 48 per channel, 24 1.5x that of 32 (tools/int8_kernels.py --cases dw16,dw24,dw32,dw40,dw48).
+FAST_DEPTHWISE_CHANNEL_MULTIPLE = 16
 _QLINEAR = {"QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
             "QLinearAveragePool", "QLinearConcat", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu"}
 
@@ -678,8 +681,8 @@ class FusionReport:
     leftover_q, leftover_dq : int
         Activation QuantizeLinear/DequantizeLinear nodes ORT could not fold into a kernel.
     slow_convs : list of str
-        QLinearConv nodes (group 1) whose channel counts ORT's fast int8 conv kernel does not take
-        (see :data:`CONV_INPUT_CHANNEL_MULTIPLE`), as ``"name: in->out"``.
+        QLinearConv nodes whose channel counts ORT's fast int8 conv kernels do not take (see
+        :data:`CONV_INPUT_CHANNEL_MULTIPLE`), as ``"name: in->out"`` or ``"name: depthwise C"``.
     warnings : list of str
     """
 
@@ -750,11 +753,14 @@ def fusion_report(model_path: str | os.PathLike, optimized_path: str | os.PathLi
         op = node.op_type
         if op in _QLINEAR:
             report.qlinear_ops[op] = report.qlinear_ops.get(op, 0) + 1
-        if op == "QLinearConv" and len(node.input) > 3 and int(attribute(node, "group", 1)) == 1:
-            dims = inits.get(node.input[3])  # the int8 weight, (out, in, kh, kw)
-            if dims and len(dims) > 2 and (dims[0] < FAST_CONV_MIN_OUTPUT_CHANNELS or dims[0] % FAST_CONV_OUTPUT_CHANNEL_MULTIPLE
-                                           or dims[1] % CONV_INPUT_CHANNEL_MULTIPLE):
+        dims = inits.get(node.input[3]) if op == "QLinearConv" and len(node.input) > 3 else None  # (out, in/group, kh, kw)
+        if dims and len(dims) > 2:
+            group = int(attribute(node, "group", 1))
+            if group == 1 and (dims[0] < FAST_CONV_MIN_OUTPUT_CHANNELS or dims[0] % FAST_CONV_OUTPUT_CHANNEL_MULTIPLE
+                               or dims[1] % CONV_INPUT_CHANNEL_MULTIPLE):
                 report.slow_convs.append(f"{node.name}: {dims[1]}->{dims[0]}")
+            elif group == dims[0] > 1 and dims[1] == 1 and group % FAST_DEPTHWISE_CHANNEL_MULTIPLE:
+                report.slow_convs.append(f"{node.name}: depthwise {group}")
         if op in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm") and len(node.input) > 1:
             prod = producers.get(node.input[1])
             if prod is not None and prod.op_type == "DequantizeLinear":
@@ -778,7 +784,8 @@ def fusion_report(model_path: str | os.PathLike, optimized_path: str | os.PathLi
         report.warnings.append(
             f"{len(report.slow_convs)} QLinearConv(s) have channel counts ORT's fast int8 conv kernel does not take "
             f"(e.g. {report.slow_convs[0]}; it needs {FAST_CONV_MIN_OUTPUT_CHANNELS} or more output channels in multiples "
-            f"of {FAST_CONV_OUTPUT_CHANNEL_MULTIPLE}): they run on a slower int8 path, a 16->8 conv about as slow as float")
+            f"of {FAST_CONV_OUTPUT_CHANNEL_MULTIPLE}, depthwise convs multiples of {FAST_DEPTHWISE_CHANNEL_MULTIPLE} "
+            f"channels): they run on a slower int8 path, a 16->8 conv about as slow as float")
     if report.convs and report.fused_convs < report.convs and not report.float_weight_dq:
         report.warnings.append(f"only {report.fused_convs} of {report.convs} Convs became QLinearConv")
     return report
