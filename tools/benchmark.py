@@ -130,13 +130,14 @@ def warm(path: Path) -> None:
 #: at least ``WARM_S`` seconds, then the timed runs; it prints their seconds as JSON.
 _LATENCY = ("import json, sys, time, numpy as np, onnxruntime as ort\n"
             "path, provider, batch, runs, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])\n"
+            "warm_s = float(sys.argv[6])\n"
             "opts = ort.SessionOptions(); opts.log_severity_level = 3\n"
             "s = ort.InferenceSession(path, opts, providers=[provider])\n"
             "inp = s.get_inputs()[0]\n"
             "shape = [batch] + [d if isinstance(d, int) else 32 for d in inp.shape[1:]]\n"
             "x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)\n"
             "t0 = time.perf_counter(); s.run(None, {inp.name: x}); s.run(None, {inp.name: x})\n"
-            "while time.perf_counter() - t0 < %r: s.run(None, {inp.name: x})\n"
+            "while time.perf_counter() - t0 < warm_s: s.run(None, {inp.name: x})\n"
             "times = []\n"
             "for _ in range(runs):\n"
             "    t = time.perf_counter(); s.run(None, {inp.name: x}); times.append(time.perf_counter() - t)\n"
@@ -163,7 +164,7 @@ def latency(paths: list[str], batch: int, reps: int, provider: str, seed: int = 
             runs = min(block, reps - len(times[i]))
             if runs <= 0:
                 continue
-            proc = subprocess.run([sys.executable, "-c", _LATENCY % WARM_S, path, provider, str(batch), str(runs), str(seed)],
+            proc = subprocess.run([sys.executable, "-c", _LATENCY, path, provider, str(batch), str(runs), str(seed), str(WARM_S)],
                                   capture_output=True, text=True, check=True)
             times[i].extend(json.loads(proc.stdout.strip().splitlines()[-1]))
     return [statistics.median(t) for t in times]

@@ -547,27 +547,25 @@ def emit_int8_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor],
                                           name=names(f"{tensor}_QuantizeLinear")))
         qnames[tensor] = (q_name, s_name, z_name)
 
-    def add_dq(tensor: str, out: str | None = None) -> str:
+    def add_dq(tensor: str, out: str | None = None, source: str | None = None) -> str:
+        """DQ of ``tensor``'s quantized values (or of ``source``, uint8 values on the same grid)."""
         q_name, s_name, z_name = qnames[tensor]
         out = out or names(f"{tensor}_dequantized")
-        new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
+        new_nodes.append(helper.make_node("DequantizeLinear", [source or q_name, s_name, z_name], [out],
                                           name=names(f"{tensor}_DequantizeLinear")))
         return out
 
     def add_padded_dq(tensor: str, pad: int, rank: int) -> str:
         """DQ of ``tensor`` with ``pad`` more channels of its zero point (Pad on the uint8 values:
         they dequantize to exact zeros, which the padded weight's zero channels multiply)."""
-        q_name, s_name, z_name = qnames[tensor]
+        q_name, _, z_name = qnames[tensor]
         pads = np.zeros(2 * rank, np.int64)
         pads[rank + 1] = pad  # after the last channel
         p_name, padded = names(f"{tensor}_channel_pads"), names(f"{tensor}_quantized_padded")
         inits.append(numpy_helper.from_array(pads, p_name))
         new_nodes.append(helper.make_node("Pad", [q_name, p_name, z_name], [padded], mode="constant",
                                           name=names(f"{tensor}_channel_Pad")))
-        out = names(f"{tensor}_dequantized")
-        new_nodes.append(helper.make_node("DequantizeLinear", [padded, s_name, z_name], [out],
-                                          name=names(f"{tensor}_DequantizeLinear")))
-        return out
+        return add_dq(tensor, source=padded)
 
     def input_pad(node: onnx.NodeProto) -> int:
         """Zero input channels that put an int8 Conv on ORT's fast kernel (see CONV_INPUT_CHANNEL_MULTIPLE)."""
@@ -617,10 +615,9 @@ def emit_int8_qdq(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor],
         pad = input_pad(node)
         for i, name in enumerate(node.input):
             if i == 0 and pad:
-                rank = quantized[layer_of[node.name].weight].q.ndim
-                node.input[0] = add_padded_dq(name, pad, rank)
-                channels = quantized[layer_of[node.name].weight].q.shape[1]
-                record.padded_inputs[node.name] = (channels, channels + pad)
+                weight = quantized[layer_of[node.name].weight].q
+                node.input[0] = add_padded_dq(name, pad, weight.ndim)
+                record.padded_inputs[node.name] = (weight.shape[1], weight.shape[1] + pad)
             elif name in qnames:
                 node.input[i] = add_dq(name)
         if node.op_type in ("Conv", "Gemm") and node.name in layer_of and layer_of[node.name].weight in quantized:
