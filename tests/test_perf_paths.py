@@ -399,3 +399,50 @@ def test_one_malloc_arena_is_set_where_there_is_glibc():
 
     assert share_one_malloc_arena() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
                                         and ctypes.util.find_library("c") is not None)
+
+
+@pytest.mark.parametrize("gram_weight", [False, True])
+def test_dead_kept_channels_are_solved_as_one_constant_without_the_eigendecomposition(rng, monkeypatch, gram_weight):
+    d, t, p = 120, 30, 6
+    kept = rng.standard_normal((d, t))
+    dead = [2, 9, 21]
+    kept[:, dead] *= 1e-6  # BN gamma ~0: these channels output their bias, a constant
+    pruned = rng.standard_normal((d, p))
+    kept_bias, pruned_bias = rng.standard_normal(t), rng.standard_normal(p)
+    M = None
+    if gram_weight:
+        a = rng.standard_normal((d, d))
+        M = a @ a.T / d
+    args = dict(alpha=0.5, gram_weight=M)
+    # the pseudo-inverse answer, as the solver gave it before
+    weighted = kept if M is None else M @ kept
+    gram = kept.T @ weighted + 0.5 * np.outer(kept_bias, kept_bias)
+    rhs = weighted.T @ pruned + 0.5 * np.outer(kept_bias, pruned_bias)
+    ref = _eigh_reference(gram, rhs)
+
+    def no_eigh(*a):
+        raise AssertionError("took the eigendecomposition")
+
+    monkeypatch.setattr(solve, "_solve_eigh", no_eigh)
+    out = solve.solve_prune_coefficients(kept, pruned, kept_bias, pruned_bias, **args)
+
+    def loss(c):
+        err = kept @ c - pruned
+        return float(np.einsum("dp,dp->", err, err if M is None else M @ err) + 0.5 * np.sum((kept_bias @ c - pruned_bias) ** 2))
+
+    assert loss(out) <= loss(ref) * (1 + 1e-9)
+    assert loss(out) < 0.99 * loss(np.zeros_like(out))
+    # the dead channels carry the constant in proportion to their biases, no blown-up coefficients
+    np.testing.assert_allclose(out[dead] / kept_bias[dead][:, None], np.broadcast_to(out[dead[0]] / kept_bias[dead[0]], (3, p)))
+    assert np.abs(out).max() < 10 * np.abs(ref).max()
+    live = np.setdiff1d(np.arange(t), dead)
+    np.testing.assert_allclose(out[live], ref[live], rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+
+
+def test_dead_kept_channels_with_zero_bias_add_nothing(rng):
+    kept = rng.standard_normal((80, 12))
+    kept[:, [4, 5]] = 0.0
+    bias = rng.standard_normal(12)
+    bias[[4, 5]] = 0.0
+    out = solve.solve_prune_coefficients(kept, rng.standard_normal((80, 3)), bias, rng.standard_normal(3), alpha=0.1)
+    assert np.all(out[[4, 5]] == 0) and np.all(np.isfinite(out))
