@@ -20,8 +20,11 @@ def test_latency_interleaves_models(tmp_path):
         path = tmp_path / f"m{seed}.onnx"
         onnx.save(conv_chain(seed=seed, spatial=32), path)
         paths.append(str(path))
-    medians = benchmark.latency(paths, batch=2, reps=3, provider="CPUExecutionProvider")
-    assert len(medians) == 2 and all(t > 0 for t in medians)
+    measured = benchmark.latency(paths, batch=2, reps=3, provider="CPUExecutionProvider", block=2)
+    assert len(measured.median) == 2 and all(t > 0 for t in measured.median)
+    # 3 runs in blocks of 2: two turns per model, a ratio per turn
+    assert [len(t) for t in measured.turns] == [2, 2] and len(measured.ratios()) == 2
+    assert all(r > 0 for r in measured.ratios())
 
 
 def test_unavailable_provider_is_refused(capsys):

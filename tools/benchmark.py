@@ -8,6 +8,7 @@ For each model and setting it runs the CLI (``python -m udfc_onnx``) in a subpro
 * latency: ORT median at batch 1 and 32, with ORT's default session options, and the ratio
   compressed / original; each model runs in a process of its own, the models taking turns (a
   process of a few timed runs each, after 50 ms of untimed runs), so machine load hits both alike;
+  the range of the ratios within each turn shows how much the machine's load moved it;
 * the compressor's own time (``elapsed`` of the run: load, compress, write, validate, fusion check)
   against ``onnx.load`` + ``onnx.save`` of the same file, each in its own subprocess: ``--time-reps``
   turns of load+save and every setting one after the other (the input read once before, so that
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
@@ -147,9 +149,23 @@ LATENCY_BLOCK = 10
 WARM_S = 0.05
 
 
+@dataclass
+class Latency:
+    """Seconds per run of each model: ``median`` over all timed runs, ``turns`` the median of each
+    turn (one process of up to ``block`` runs per model per turn, the models one after the other)."""
+
+    median: list[float]
+    turns: list[list[float]]
+
+    def ratios(self, of: int = 1, to: int = 0) -> list[float]:
+        """Model ``of`` over model ``to`` within each turn: runs made seconds apart share the
+        machine's load, so their spread shows how much that load moved the ratio of medians."""
+        return [a / b for a, b in zip(self.turns[of], self.turns[to])]
+
+
 def latency(paths: list[str], batch: int, reps: int, provider: str, seed: int = 0,
-            block: int = LATENCY_BLOCK) -> list[float]:
-    """Median seconds per run of each model over ``reps`` timed runs.
+            block: int = LATENCY_BLOCK) -> Latency:
+    """Median seconds per run of each model over ``reps`` timed runs, and of each turn.
 
     Each model runs in a process of its own, as it would be deployed: models compared within one
     process disturbed each other on 2 cores, one session's threads spinning on while the other ran
@@ -159,6 +175,7 @@ def latency(paths: list[str], batch: int, reps: int, provider: str, seed: int = 
     all alike.
     """
     times: list[list[float]] = [[] for _ in paths]
+    turns: list[list[float]] = [[] for _ in paths]
     while min(len(t) for t in times) < reps:
         for i, path in enumerate(paths):
             runs = min(block, reps - len(times[i]))
@@ -166,8 +183,10 @@ def latency(paths: list[str], batch: int, reps: int, provider: str, seed: int = 
                 continue
             proc = subprocess.run([sys.executable, "-c", _LATENCY, path, provider, str(batch), str(runs), str(seed), str(WARM_S)],
                                   capture_output=True, text=True, check=True)
-            times[i].extend(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return [statistics.median(t) for t in times]
+            turn = json.loads(proc.stdout.strip().splitlines()[-1])
+            times[i].extend(turn)
+            turns[i].append(statistics.median(turn))
+    return Latency([statistics.median(t) for t in times], turns)
 
 
 def build_resnet50(path: Path) -> None:
@@ -267,8 +286,11 @@ def main(argv=None) -> int:
                               f"{peak_pass} ({max(peaks.values()):.0f} MB)" if peaks else "n/a"))
             lat = []
             for b in batches:
-                t_orig, t_comp = latency([str(src), str(dst)], b, reps, args.provider)
-                lat.append(f"b{b}: {t_orig * 1e3:.1f} -> {t_comp * 1e3:.1f} ms ({t_comp / t_orig:.3f}x)")
+                measured_latency = latency([str(src), str(dst)], b, reps, args.provider)
+                t_orig, t_comp = measured_latency.median
+                per_turn = measured_latency.ratios()
+                spread = f"; turns {min(per_turn):.3f}-{max(per_turn):.3f}x" if len(per_turn) > 1 else ""
+                lat.append(f"b{b}: {t_orig * 1e3:.1f} -> {t_comp * 1e3:.1f} ms ({t_comp / t_orig:.3f}x{spread})")
             acc = ""
             if acc_data is not None:
                 x, y, mean, std, accuracy = acc_data
@@ -278,7 +300,7 @@ def main(argv=None) -> int:
             print(f"  done {name} {setting}", file=sys.stderr, flush=True)
 
     n_img = "" if args.no_accuracy else f" ({args.limit or 10000} images)"
-    print(f"\n| model | setting | Conv fused | ORT {args.provider} latency original -> compressed (median) | file | top-1 %{n_img} | flags |")
+    print(f"\n| model | setting | Conv fused | ORT {args.provider} latency original -> compressed (median; range of the per-turn ratios) | file | top-1 %{n_img} | flags |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")

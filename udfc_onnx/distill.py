@@ -9,7 +9,7 @@ pre-BN activations ``z`` equal the BN's running mean ``mu`` and ``sigma = sqrt(v
 Here the BN is folded (udfc_onnx.fold): the folded layer outputs ``y = a z + b`` with
 ``a = gamma / sigma``, so ``mean(z) - mu = (mean(y) - beta) / a`` and ``std(z) = std(y) / |a|``;
 the loss is computed from ``y`` in the raw units of ZeroQ. Channels with ``|a|`` below
-:data:`DEAD_GAMMA` of their layer's largest are left out (``y`` is nearly constant there, ``z`` is
+:data:`DEAD_MULTIPLIER` of their layer's largest are left out (``y`` is nearly constant there, ``z`` is
 not recoverable from it).
 
 The gradient with respect to the input comes from one ONNX graph that ONNX Runtime runs: the
@@ -55,7 +55,7 @@ DIFFERENTIABLE = ("Conv", "Gemm", "Relu", "LeakyRelu", "Add", "Sub", "Mul", "Ide
 SHAPE_ONLY = ("Shape", "Size")
 # A channel whose folded multiplier |a| is under this fraction of its layer's largest stays out of
 # the loss: its output y = a z + b hardly depends on z, so z = (y - b) / a is noise.
-DEAD_GAMMA = 1e-4
+DEAD_MULTIPLIER = 1e-4
 STD_EPS = 1e-12  # under the square root of the batch variance of y (a constant channel has no gradient)
 NORM_EPS = 1e-12  # under the square root of each L2 norm (its gradient is u / ||u||)
 LOSS = "distill_loss"  # the BN-statistic loss alone
@@ -174,7 +174,7 @@ def _bn_seed(b: _Builder, y: str, shape: list[int], st: BNStats) -> tuple[str, s
     dL/dy = (u / (a ||u||) + v / (|a| ||v||) (y - m) / s) / M, M = y.size / C.
     """
     a = st.a
-    live = np.abs(a) > DEAD_GAMMA * np.abs(a).max() if np.abs(a).max() > 0 else np.zeros_like(a, bool)
+    live = np.abs(a) > DEAD_MULTIPLIER * np.abs(a).max() if np.abs(a).max() > 0 else np.zeros_like(a, bool)
     inv_a = np.where(live, 1.0 / np.where(live, a, 1.0), 0.0)
     per_channel = [1, len(a)] + [1] * (len(shape) - 2)
     axes = [0] + list(range(2, len(shape)))

@@ -468,7 +468,7 @@ def solve_quant_scales(
 
 
 # Relative |gamma| below which a BN channel counts as dead for Neuron Merging (see its Notes).
-DEAD_GAMMA = 1e-3
+NM_DEAD_GAMMA = 1e-3
 
 
 def neuron_merging_coefficients(
@@ -508,7 +508,7 @@ def neuron_merging_coefficients(
 
     Notes
     -----
-    A channel whose |gamma| is below ``DEAD_GAMMA`` of the layer's largest carries only its
+    A channel whose |gamma| is below ``NM_DEAD_GAMMA`` of the layer's largest carries only its
     constant beta; NM's ratio divides by its gamma, so merging it (or into it) would multiply the
     consumer weights by up to 1e5 (inf logits on models with dead channels). Such channels are
     not merged; they are pruned plainly.
@@ -523,7 +523,7 @@ def neuron_merging_coefficients(
     beta = np.asarray(beta, np.float64)
     mean = np.asarray(mean, np.float64)
     var = np.asarray(var, np.float64)
-    alive = np.abs(gamma) > DEAD_GAMMA * max(float(np.abs(gamma).max()), 1e-30)
+    alive = np.abs(gamma) > NM_DEAD_GAMMA * max(float(np.abs(gamma).max()), 1e-30)
     for col, j in enumerate(drop):
         if not alive[j]:
             continue
