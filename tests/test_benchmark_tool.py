@@ -80,3 +80,15 @@ def test_int8_kernels_prints_one_row_per_case(capsys):
     rows = [ln for ln in out if ln.startswith("| 3->16")]
     assert [r.split("|")[2].strip() for r in rows] == ["3", "4"]
     assert any(ln.startswith("| depthwise 24 | 24 |") for ln in out)
+
+
+# ---------------------------------------------------------------------------- tools/ab_time.py
+def test_ab_time_run_once_reports_in_process_and_cpu_seconds(tmp_path):
+    from tools import ab_time
+    from tools.common import REPO
+
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_chain(seed=0, spatial=8), model)
+    elapsed, cpu = ab_time.run_once(REPO, str(model), tmp_path, "head", ["--weight-bits", "8"])
+    assert 0 < elapsed < cpu  # CPU includes the imports the in-process time leaves out
+    assert (tmp_path / "head.onnx").is_file()
