@@ -173,8 +173,8 @@ def test_graph_view_takes_a_read_array_only_while_it_fits(model_path):
     (dict(weight_bits=8, regression="euclidean", selection="norm", bias_correction=False), 1),  # the check only:
     # ORT and the fold use the array it read
     (dict(prune_ratio=0.3, method="prune"), 2),  # + the ranking's raw filters
-    (dict(weight_bits=8), 2),  # + the input moments' spatial fit on raw filters
-    (dict(prune_ratio=0.3, weight_bits=8), 3),  # both
+    (dict(weight_bits=8), 1),  # nothing pruned: no input covariance, so no spatial fit on raw filters
+    (dict(prune_ratio=0.3, weight_bits=8), 3),  # + the ranking + the input moments' spatial fit
 ])
 def test_compress_file_reads_a_weight_once_plus_once_per_use_of_its_raw_values(model_path, tmp_path, monkeypatch,
                                                                                 settings, reads_expected):

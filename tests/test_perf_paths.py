@@ -446,3 +446,35 @@ def test_dead_kept_channels_with_zero_bias_add_nothing(rng):
     bias[[4, 5]] = 0.0
     out = solve.solve_prune_coefficients(kept, rng.standard_normal((80, 3)), bias, rng.standard_normal(3), alpha=0.1)
     assert np.all(out[[4, 5]] == 0) and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("builder", ["build_conv_chain", "build_residual_block", "build_concat_block", "build_densenet",
+                                     "build_depthwise_block", "build_conv_flatten_gemm", "build_mobilenetv2"])
+@pytest.mark.parametrize("with_bn", [True, False])
+def test_layer_inputs_without_unread_covariances_are_the_same(builder, with_bn):
+    from models import builders
+    from udfc_onnx.moment_graph import estimate_layer_inputs
+    from udfc_onnx.stats import read_bn_stats
+    from udfc_onnx.units import raw_filters_of
+
+    model = getattr(builders, builder)(with_bn=with_bn)
+    stats, raw = read_bn_stats(model), raw_filters_of(model)
+    folded, _ = fold_batchnorm(model)
+    full = estimate_layer_inputs(folded, stats, raw)
+    layers = sorted(full)
+    for wanted in (set(), set(layers[1:3]), set(layers[::3])):
+        part = estimate_layer_inputs(folded, stats, raw, covariance_for=wanted)
+        assert set(part) == set(full)  # the same layers get moments
+        for name, li in full.items():
+            np.testing.assert_array_equal(part[name].mean, li.mean)  # bit for bit
+            np.testing.assert_array_equal(part[name].tap_fraction, li.tap_fraction)
+            if name in wanted:
+                assert (part[name].cov is None) == (li.cov is None) and part[name].spatial_r == li.spatial_r
+                if li.cov is not None:
+                    np.testing.assert_array_equal(part[name].cov, li.cov)
+        if with_bn and not wanted:
+            kept = sum(li.cov is not None for li in part.values())
+            if all(n.name in stats for n in folded.graph.node if n.op_type == "Conv"):
+                assert kept <= 1  # BN statistics everywhere: no covariance needed but the graph input's
+            else:  # DenseNet's convs after a pre-activation BN have none: their inputs are kept whole
+                assert kept < sum(li.cov is not None for li in full.values())

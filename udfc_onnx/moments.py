@@ -36,6 +36,7 @@ __all__ = [
     "bivariate_normal_cdf",
     "relu_mean_var",
     "relu_moments",
+    "relu_diagonal",
     "correlation",
     "spatial_correlation",
     "patch_covariance",
@@ -153,6 +154,27 @@ def relu_mean_var(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.nda
     return m, np.maximum(second - m * m, 0.0)
 
 
+def _relu_marginals(mean: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input sd, output mean, output variance) of each channel of ``ReLU(P)``, as relu_moments takes them."""
+    sd = np.sqrt(np.maximum(variances, 0.0))
+    m, var = relu_mean_var(mean, sd**2)
+    return sd, m, var
+
+
+def relu_diagonal(mean: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`relu_moments`' mean and the diagonal of its covariance, from the input variances alone.
+
+    The same values, bit for bit, without the O(C^2) pairwise terms: for a tensor whose
+    correlations nothing reads (udfc_onnx.moment_graph).
+
+    Returns
+    -------
+    mean, var : ndarray of shape (C,)
+    """
+    _, m, var = _relu_marginals(np.asarray(mean, np.float64), np.asarray(variances, np.float64))
+    return m, var
+
+
 def relu_moments(mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of ``A = ReLU(P)`` for ``P ~ N(mean, cov)`` (module docstring).
 
@@ -169,11 +191,10 @@ def relu_moments(mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndar
     """
     mean = np.asarray(mean, np.float64)
     cov = np.asarray(cov, np.float64)
-    sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    sd, m, var = _relu_marginals(mean, np.diag(cov))
     live = sd > 1e-12
     s = np.where(live, sd, 1.0)
     a = mean / s
-    m, var = relu_mean_var(mean, sd**2)
     rho = np.clip(cov / np.outer(s, s), -_RHO_MAX, _RHO_MAX)
     rho = 0.5 * (rho + rho.T)  # exactly symmetric, so the (j, i) terms are transposes of the (i, j) ones
     ai, aj = a[:, None], a[None, :]

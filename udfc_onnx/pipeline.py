@@ -196,7 +196,12 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
         release_memory()
     clock.lap("read weights")
     # Data-free activation moments for UDFC's regression/selection and the bias correction (issue 3).
-    layer_inputs = estimate_layer_inputs(folded, stats, raw_filters, folded_weights) if config.uses_moments else None
+    # Input covariances are read for the regression of pruned units (and by the equalization);
+    # every other layer reads only its input's means (the bias correction).
+    covariance_for = None if config.cross_layer_equalization else {
+        name for up in plan.units if len(up.keep) < up.unit.channels for name in up.unit.all_producers}
+    layer_inputs = (estimate_layer_inputs(folded, stats, raw_filters, folded_weights, covariance_for=covariance_for)
+                    if config.uses_moments else None)
     if config.method != "nm":  # only Neuron Merging's coefficients read raw filters in the solve
         raw_filters = {}
         # The model's own values of the folded weights (unfolded, stale) are never read again: a

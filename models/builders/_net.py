@@ -98,7 +98,8 @@ def _openblas_handles() -> list:
         try:
             import ctypes
 
-            paths = {ln.split()[-1] for ln in open("/proc/self/maps") if "openblas" in ln.lower()}
+            with open("/proc/self/maps") as maps:
+                paths = {ln.split()[-1] for ln in maps if "openblas" in ln.lower()}
             for path in sorted(paths):
                 lib = ctypes.CDLL(path)
                 for setter in _BLAS_SETTERS:
