@@ -92,3 +92,19 @@ def test_ab_time_run_once_reports_in_process_and_cpu_seconds(tmp_path):
     elapsed, cpu = ab_time.run_once(REPO, str(model), tmp_path, "head", ["--weight-bits", "8"])
     assert 0 < elapsed < cpu  # CPU includes the imports the in-process time leaves out
     assert (tmp_path / "head.onnx").is_file()
+
+
+# ---------------------------------------------------------------------------- tools/ort_profile.py
+def test_ort_profile_counts_kernels_by_op_and_conv_shape(tmp_path):
+    from tools.ort_profile import CONV_OPS, profile
+
+    model = conv_chain(seed=0, spatial=8)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    result = profile(str(path), batch=2, runs=3)
+    assert result["ms_per_run"] > 0
+    convs = sum(n for op, (_, n) in result["by_op"].items() if op in CONV_OPS)
+    assert convs == sum(node.op_type == "Conv" for node in model.graph.node)  # each conv counted once
+    # shapes as ORT's optimised graph holds them (its NCHWc float convs pad channels to blocks)
+    assert all(len(shape) == 4 and shape[2:] == (3, 3) for shape in result["by_conv"])
+    assert sum(n for _, n in result["by_conv"].values()) == convs
