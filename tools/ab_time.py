@@ -13,8 +13,6 @@ the per-turn ratios (this checkout over BASE_REV), and the median CPU seconds of
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,25 +20,19 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.benchmark import timed  # noqa: E402
 from tools.common import REPO  # noqa: E402
-
-# A wrapper whose only child is the compressor: RUSAGE_CHILDREN is then that process's CPU.
-_CPU = ("import resource, subprocess, sys\n"
-        "rc = subprocess.call(sys.argv[1:])\n"
-        "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-        "print('CPU', rc, u.ru_utime + u.ru_stime)\n")
 
 
 def run_once(tree: Path, model: str, out_dir: Path, tag: str, flags: list[str]) -> tuple[float, float]:
     """In-process seconds (the report's ``elapsed_s``) and CPU seconds of one compressor run from ``tree``."""
     report = out_dir / f"{tag}.json"
     cmd = [sys.executable, "-m", "udfc_onnx", model, str(out_dir / f"{tag}.onnx"), *flags, "--report", str(report), "-q"]
-    proc = subprocess.run([sys.executable, "-c", _CPU, *cmd], cwd=tree, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(tree)})
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("CPU ")]
-    if not line or line[-1].split()[1] != "0":
-        raise SystemExit(f"{tag}: the compressor failed: {proc.stderr.strip().splitlines()[-1:] or proc.stdout}")
-    return json.loads(report.read_text())["elapsed_s"], float(line[-1].split()[2])
+    # run in the tree: `python -m` puts the working directory first on sys.path
+    run = timed(cmd, env={"PYTHONPATH": str(tree)}, report=report, cwd=tree)
+    if run["rc"] != 0:
+        raise SystemExit(f"{tag}: the compressor failed: {run['stderr'].strip().splitlines()[-1:] or run['stdout']}")
+    return run["elapsed_s"], run["cpu_s"]
 
 
 def main(argv=None) -> int:

@@ -51,10 +51,12 @@ SETTINGS = {
 }
 MODEL_SETTINGS = {"resnet56_nm": ["w8a8", "p50-w4a8", "p50-w4a8-m1", "w8-weight-only"],
                   "resnet50": ["p30-w8a8", "w8a8", "p50-w4a8", "w8-weight-only"]}
-# A wrapper whose only child is the measured command: RUSAGE_CHILDREN then is that command's peak.
+# A wrapper whose only child is the measured command: RUSAGE_CHILDREN then is that command's peak
+# and CPU time.
 _WRAP = ("import resource, subprocess, sys, time\n"
          "t = time.perf_counter(); rc = subprocess.call(sys.argv[1:]); wall = time.perf_counter() - t\n"
-         "print('WRAP', rc, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+         "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+         "print('WRAP', rc, wall, u.ru_maxrss, u.ru_utime + u.ru_stime)")
 # Processes that only import what the measured commands import: their peak is the baseline the
 # "above imports" column subtracts.
 _IMPORTS = {"load+save": [sys.executable, "-c", "import onnx"],
@@ -64,19 +66,20 @@ _LOAD_SAVE = ("import sys, time, onnx\n"
               "print('ELAPSED', time.perf_counter() - t)")
 
 
-def measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd`` in a fresh wrapper: exit code, wall seconds, peak RSS (MB), stdout."""
-    proc = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, cwd=REPO,
+def measured(cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> dict:
+    """Run ``cmd`` in a fresh wrapper in ``cwd``: exit code, wall seconds, peak RSS (MB), CPU seconds
+    (user + system), stdout."""
+    proc = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, **(env or {})})
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("WRAP ")][-1].split()
-    return {"rc": int(line[1]), "wall_s": float(line[2]), "peak_mb": int(line[3]) / 1024, "stdout": proc.stdout,
-            "stderr": proc.stderr}
+    return {"rc": int(line[1]), "wall_s": float(line[2]), "peak_mb": int(line[3]) / 1024, "cpu_s": float(line[4]),
+            "stdout": proc.stdout, "stderr": proc.stderr}
 
 
-def timed(cmd: list[str], env: dict | None = None, report: Path | None = None) -> dict:
+def timed(cmd: list[str], env: dict | None = None, report: Path | None = None, cwd: Path = REPO) -> dict:
     """:func:`measured` plus ``elapsed_s``, the in-process time: ``elapsed_s`` of the JSON ``report``
     the command writes (kept as the run's ``report``), or else the ``ELAPSED`` line it prints."""
-    run = measured(cmd, env)
+    run = measured(cmd, env, cwd)
     if run["rc"] == 0:
         if report is not None:
             run["report"] = json.loads(report.read_text())
