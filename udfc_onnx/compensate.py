@@ -285,7 +285,8 @@ def _dequantized_view(arrays: dict, layers: dict[str, Layer], solution: Solution
 
 def _euclidean_coefficients(kept: np.ndarray, W: np.ndarray, b: np.ndarray, keep: np.ndarray, drop: np.ndarray,
                             st: BNStats | None, config: CompressConfig) -> np.ndarray:
-    V = kept.reshape(len(keep), -1).T
+    # In the stored weights' precision (float32 products: see solve_prune_coefficients)
+    V = kept.reshape(len(keep), -1).T.astype(W.dtype, copy=False)
     P = W[drop].reshape(len(drop), -1).T
     if config.bias_units == "e" or st is None:
         return solve_prune_coefficients(V, P, b[keep], b[drop], alpha=config.alpha1, ridge=config.ridge)
