@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.graphs import conv_chain
 from udfc_onnx.cli import main
+from udfc_onnx.errors import InvalidModelError
 from udfc_onnx.lazy import has_lazy, read_lazy
 
 
@@ -342,3 +343,31 @@ def test_initializer_data_that_does_not_fill_its_shape(case, tmp_path):
     weight = next(t for t in model.graph.initializer if t.name == "conv1.weight")
     weight.dims[2] = 1
     case.run(_save(tmp_path, "dims.onnx", model), message="initializer conv1.weight holds 3456 bytes for shape [12, 8, 1, 3]")
+
+
+def test_large_finite_weights_whose_sum_overflows_are_accepted():
+    from udfc_onnx.load import check_finite
+
+    def huge(w):
+        return np.full_like(w, 3e38)  # float32 max is 3.4e38: their float32 sum is inf
+    check_finite(_with_initializer(conv_chain(), "conv1.weight", huge))
+
+    def huge_and_nan(w):
+        w = huge(w)
+        w.flat[-1] = np.nan
+        return w
+    with pytest.raises(InvalidModelError, match="weight conv1.weight of"):
+        check_finite(_with_initializer(conv_chain(), "conv1.weight", huge_and_nan))
+
+
+def test_the_first_non_finite_weight_in_graph_order_is_named():
+    from udfc_onnx.load import check_finite
+
+    def poison(w):
+        w = w.copy()
+        w.flat[3] = -np.inf
+        return w
+    model = _with_initializer(_with_initializer(conv_chain(), "conv1.weight", poison), "bn1.var", poison)
+    for _ in range(5):  # read on worker threads: the order of the message must not depend on timing
+        with pytest.raises(InvalidModelError, match="weight conv1.weight of"):
+            check_finite(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from onnx import external_data_helper
 
 from .errors import InvalidModelError, UnsupportedModelError, first_line
 from .lazy import as_external_data, is_lazy, materialize, read_lazy, tensor_array
+from .resources import worker_threads
 
 __all__ = ["LoadedModel", "read_model", "load_model", "check_supported", "check_channels", "check_finite", "shape_skeleton", "default_opset", "MIN_OPSET",
            "QUANTIZED_OPS", "PROTOBUF_LIMIT"]
@@ -179,11 +181,16 @@ def check_finite(model: onnx.ModelProto, where: str = "model", *, keep: dict | N
     The solver would carry them into every compensated layer; an output check on random inputs
     catches them only when it runs (``--check-n 0`` skips it). ``keep``: a dict that receives the
     values of the lazy tensors read here (by name), for the passes that need them next.
+
+    The tensors are read and checked on :func:`udfc_onnx.resources.worker_threads` threads (file
+    reads and NumPy reductions release the GIL; ResNet-50: 0.07 s on one); the first bad one in
+    graph order is the one named.
     """
     inits = {t.name: t for t in model.graph.initializer}
     for t in model.graph.initializer:
         _check_tensor_size(t, where)
     seen = set()
+    checks = []  # (node, name, tensor) in graph order
     for node in model.graph.node:
         if node.op_type not in _WEIGHT_OPS:
             continue
@@ -193,15 +200,29 @@ def check_finite(model: onnx.ModelProto, where: str = "model", *, keep: dict | N
                                                                 onnx.TensorProto.FLOAT16):
                 continue
             seen.add(name)
-            values = tensor_array(t)
+            checks.append((node, name, t))
+
+    def problem(check) -> tuple[np.ndarray, str | None]:
+        node, name, t = check
+        values = tensor_array(t)
+        # A finite sum means every value is finite (NaN and Inf carry through a sum); only a sum
+        # that is not finite (a bad value, or an overflow) needs the elementwise test.
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = values.sum()
+        if not np.isfinite(total) and not np.all(np.isfinite(values)):
+            return values, (f"{where}: weight {name} of {node.op_type} {node.name or node.output[0]} "
+                            "has NaN or Inf values")
+        if node.op_type == "BatchNormalization" and len(node.input) > 4 and name == node.input[4] and np.any(values < 0):
+            return values, f"{where}: BatchNormalization {node.name or node.output[0]} has a negative variance in {name}"
+        return values, None
+
+    threads = min(worker_threads(), len(checks))
+    with ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="udfc-check") as pool:
+        for (_, name, t), (values, error) in zip(checks, pool.map(problem, checks)):
+            if error is not None:
+                raise InvalidModelError(error)
             if keep is not None and is_lazy(t):
                 keep[name] = values
-            if not np.all(np.isfinite(values)):
-                raise InvalidModelError(f"{where}: weight {name} of {node.op_type} {node.name or node.output[0]} "
-                                        "has NaN or Inf values")
-            if node.op_type == "BatchNormalization" and len(node.input) > 4 and name == node.input[4] and np.any(values < 0):
-                raise InvalidModelError(f"{where}: BatchNormalization {node.name or node.output[0]} has a negative "
-                                        f"variance in {name}")
 
 
 def _checker_error(path: str) -> str | None:
