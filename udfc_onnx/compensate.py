@@ -703,9 +703,9 @@ def _run_in_order(tasks: list[tuple[frozenset | None, Callable[[Solution], objec
         pool.shutdown(wait=True)
         # ``execute`` submits itself, so it holds its own closure cell: a reference cycle through
         # every task, part and future (ResNet-50: 80-100 MB of weights) that only the cyclic garbage
-        # collector would free, at a time that depends on unrelated allocations. Emptying the cell
+        # collector would free, at a time that depends on unrelated allocations. Clearing the cell
         # lets reference counting free them as soon as the caller drops them.
-        del execute
+        execute = None
     for part in parts:
         solution.quantized.update(part.quantized)
         solution.units.extend(part.units)
