@@ -424,15 +424,6 @@ def test_one_malloc_arena_is_set_where_there_is_glibc():
                                         and ctypes.util.find_library("c") is not None)
 
 
-def test_freed_memory_is_kept_for_reuse_where_there_is_glibc():
-    import ctypes.util
-
-    from udfc_onnx.resources import reuse_freed_memory
-
-    assert reuse_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-                                    and ctypes.util.find_library("c") is not None)
-
-
 @pytest.mark.parametrize("gram_weight", [False, True])
 def test_dead_kept_channels_are_solved_as_one_constant_without_the_eigendecomposition(rng, monkeypatch, gram_weight):
     d, t, p = 120, 30, 6

@@ -16,8 +16,7 @@ session of a 100 MB model was freed, the process still held 250 MB it no longer 
 next passes' peak stacked on top. :func:`release_memory` (``malloc_trim``) returns it at the
 points where a large structure was just dropped; a no-op where there is no glibc.
 :func:`share_one_malloc_arena` (taken by the command line) keeps every thread on one heap, so
-that what one thread frees another can reuse, and :func:`reuse_freed_memory` keeps the solve's
-weight-sized temporaries on that heap between those points instead of new zero-filled pages.
+that what one thread frees another can reuse.
 """
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ import numpy as np
 
 from .errors import InvalidConfigError
 
-__all__ = ["limit_blas_threads", "blas_thread_controls", "release_memory", "share_one_malloc_arena", "reuse_freed_memory",
-           "no_numpy_hugepages",
+__all__ = ["limit_blas_threads", "blas_thread_controls", "release_memory", "share_one_malloc_arena", "no_numpy_hugepages",
            "worker_threads", "elementwise_in_threads",
            "THREADS_ENV", "peak_rss_mb", "DEFAULT_BLAS_THREADS"]
 
@@ -144,32 +142,6 @@ def share_one_malloc_arena() -> bool:
     """
     mallopt = _libc_function("mallopt", ctypes.c_int, [ctypes.c_int, ctypes.c_int])
     return mallopt is not None and bool(mallopt(_M_ARENA_MAX, 1))
-
-
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
-_M_MMAP_THRESHOLD = -3
-#: Blocks up to this size come from the heap (glibc's own limit moves between 128 kB and 32 MB).
-HEAP_BLOCK_BYTES = 32 << 20
-#: Free memory at the top of the heap is given back by itself only above this (else by release_memory).
-HEAP_TRIM_BYTES = 256 << 20
-
-
-def reuse_freed_memory() -> bool:
-    """Serve blocks up to 32 MB from the heap, and keep freed heap memory until :func:`release_memory`; False without glibc.
-
-    The solve allocates and frees weight-sized temporaries (1-20 MB) by the hundred. glibc's
-    default gives a block above its moving threshold a mapping of its own and unmaps it when freed,
-    and trims the heap's top as soon as 128 kB are free there: either way the next block of that
-    size is new pages, zero-filled on first touch (the ResNet-50-size p30-w8a8 run spent 0.1 s of
-    system time in the solve). With blocks up to 32 MB on the heap and no automatic trim below
-    256 MB, freed blocks are reused; :func:`release_memory` still gives everything free back at the
-    points where the passes drop large structures. Measured on that model, alternating with the
-    default: per-turn time ratio 0.939 (16 turns) and 0.962 (10 turns), peak 256 -> 261 MB; w8a8
-    0.987, peak 276 -> 281 MB. A setting of the whole process, taken by the command line.
-    """
-    mallopt = _libc_function("mallopt", ctypes.c_int, [ctypes.c_int, ctypes.c_int])
-    return (mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES))
-            and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_BYTES)))
 
 
 def no_numpy_hugepages() -> bool:
