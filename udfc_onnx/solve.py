@@ -581,10 +581,10 @@ def apply_compensation(
     dtype : dtype, default=float64
         Of the result. float64: float64 arithmetic. float32 (and no ``kept_scale``): float32
         products summed into the float32 kept weights, without float64 copies of the consumer
-        (half the time of float64 on ResNet-50's largest consumers); each entry is within
-        ``(p + 1) * eps32`` of the sum of its terms' magnitudes of the float64 result, which
-        rounding the result to float32 would move by ``eps32 / 2`` of the result itself.
-        With ``kept_scale`` the result is float64.
+        (half the time of float64 on ResNet-50's largest consumers). Each entry then differs from
+        the float64 result by at most ``(p + 1) * eps32`` times the sum of its terms' magnitudes
+        (rounding to float32 alone moves it by ``eps32 / 2`` of itself). With ``kept_scale`` the
+        result is float64.
 
     Returns
     -------
