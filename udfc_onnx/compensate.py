@@ -285,8 +285,9 @@ def _dequantized_view(arrays: dict, layers: dict[str, Layer], solution: Solution
 
 def _euclidean_coefficients(kept: np.ndarray, W: np.ndarray, b: np.ndarray, keep: np.ndarray, drop: np.ndarray,
                             st: BNStats | None, config: CompressConfig) -> np.ndarray:
-    # In the stored weights' precision (float32 products: see solve_prune_coefficients)
-    V = kept.reshape(len(keep), -1).T.astype(W.dtype, copy=False)
+    V = kept.reshape(len(keep), -1).T
+    if W.dtype == np.float32:  # float32 products for a float32 model (see solve_prune_coefficients)
+        V = V.astype(np.float32, copy=False)
     P = W[drop].reshape(len(drop), -1).T
     if config.bias_units == "e" or st is None:
         return solve_prune_coefficients(V, P, b[keep], b[drop], alpha=config.alpha1, ridge=config.ridge)
