@@ -23,6 +23,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from udfc_onnx.int8 import save_optimized_graph  # noqa: E402
+
 CONV_OPS = ("Conv", "QLinearConv", "FusedConv", "NhwcFusedConv")
 
 
@@ -36,7 +39,7 @@ def profile(path: str, batch: int = 32, runs: int = 25, provider: str = "CPUExec
         opts.log_severity_level = 3
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "ort")
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        save_optimized_graph(opts, Path(tmp) / "optimized.onnx")  # weights beside it: models over 2 GB too
         sess = ort.InferenceSession(path, opts, providers=[provider])
         inp = sess.get_inputs()[0]
         shape = [batch] + [d if isinstance(d, int) else 32 for d in inp.shape[1:]]
@@ -59,15 +62,14 @@ def profile(path: str, batch: int = 32, runs: int = 25, provider: str = "CPUExec
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= first_timed:
             node_us[(e["args"]["op_name"], e["name"][:-len("_kernel_time")])] += e["dur"]
-    total_runs = runs
     by_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     by_conv: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0])
     for (op, node), us in node_us.items():
-        by_op[op][0] += us / total_runs
+        by_op[op][0] += us / runs
         by_op[op][1] += 1
         if op in CONV_OPS:
             key = weight_of.get(node) or ("?",)
-            by_conv[key][0] += us / total_runs
+            by_conv[key][0] += us / runs
             by_conv[key][1] += 1
     return {"ms_per_run": ms_per_run, "by_op": {k: tuple(v) for k, v in by_op.items()},
             "by_conv": {k: tuple(v) for k, v in by_conv.items()}}

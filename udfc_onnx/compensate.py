@@ -287,7 +287,7 @@ def _euclidean_coefficients(kept: np.ndarray, W: np.ndarray, b: np.ndarray, keep
                             st: BNStats | None, config: CompressConfig) -> np.ndarray:
     V = kept.reshape(len(keep), -1).T
     if W.dtype == np.float32:  # float32 products for a float32 model (see solve_prune_coefficients)
-        V = V.astype(np.float32, copy=False)
+        V = V.astype(np.float32, copy=False)  # a copy only of quantized (float64) values
     P = W[drop].reshape(len(drop), -1).T
     if config.bias_units == "e" or st is None:
         return solve_prune_coefficients(V, P, b[keep], b[drop], alpha=config.alpha1, ridge=config.ridge)
@@ -391,7 +391,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
     drop = dropped_channels(C, keep)
 
     kept_rows = W[keep]  # stored type (float32): the quantizers read it as float64 exactly, without a copy
-    kept_filters = None
+    kept_filters = kept_rows  # what the regression fits: these rows, or their quantized values
     kept_bias = b[keep]
     next_scale = None
     bits = layer_bits_for(prod.name, config, overrides)
@@ -405,8 +405,6 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
         solution.quantized[prod.weight] = qt
         if config.regress_on_quantized:
             kept_filters = qt.dequantize()
-    if kept_filters is None:
-        kept_filters = kept_rows.astype(np.float64)
 
     kept_bias_stored = kept_bias.astype(arrays[prod.bias].dtype)
 
@@ -424,7 +422,7 @@ def _solve_unit(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: dic
             regression = "synthetic"
         elif config.regression in ("moments", "synthetic") and moments is not None:
             patch_cov, patch_mean, scale, mean = moments
-            rows_k = kept_filters.reshape(len(keep), -1)
+            rows_k = kept_filters.reshape(len(keep), -1).astype(np.float64, copy=False)
             # the kept channels' mean as the (possibly quantized and corrected) layer computes it
             mean_k = mean[keep] + (rows_k - kept_rows.reshape(len(keep), -1)) @ patch_mean + (kept_bias - b[keep])
             rows_p = W[drop].reshape(len(drop), -1).astype(np.float64)

@@ -216,9 +216,10 @@ def solve_prune_coefficients(
     coef : ndarray of shape (t, p)
         ``pruned[:, j] ~= kept @ coef[:, j]``.
     """
-    single = gram_weight is None and np.asarray(kept).dtype == np.float32 and np.asarray(pruned).dtype == np.float32
-    kept = np.asarray(kept, np.float32 if single else np.float64)
-    pruned = np.asarray(pruned, np.float32 if single else np.float64)
+    kept, pruned = np.asarray(kept), np.asarray(pruned)
+    single = gram_weight is None and kept.dtype == pruned.dtype == np.float32
+    kept = kept.astype(np.float32 if single else np.float64, copy=False)
+    pruned = pruned.astype(np.float32 if single else np.float64, copy=False)
     kept_bias = np.asarray(kept_bias, np.float64)
     pruned_bias = np.asarray(pruned_bias, np.float64)
     if kept.ndim != 2 or pruned.ndim != 2 or kept.shape[0] != pruned.shape[0]:
