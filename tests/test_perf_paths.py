@@ -34,6 +34,22 @@ def test_spd_fast_path_equals_the_eigendecomposition(rng):
     np.testing.assert_allclose(solve._solve_spd(gram, rhs), _eigh_reference(gram, rhs), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("smallest, fast", [(1.2e-6, True), (0.8e-6, False)])
+def test_spd_fast_path_is_taken_exactly_when_no_eigenvalue_is_below_its_threshold(rng, smallest, fast):
+    # Eigenvalues from 1 down to ``smallest`` in a random basis. The certificate is that
+    # sym - rcond ||sym||_inf I is positive definite: with rcond = 1e-6 / ||sym||_inf it holds
+    # exactly when the smallest eigenvalue is above 1e-6.
+    basis, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    sym = (basis * np.geomspace(1.0, smallest, 30)) @ basis.T
+    sym = (sym + sym.T) / 2
+    rcond = 1e-6 / np.abs(sym).sum(axis=1).max()
+    rhs = rng.standard_normal((30, 3))
+    out = solve._solve_well_conditioned(sym, rhs, rcond)
+    assert (out is not None) == fast
+    if fast:
+        np.testing.assert_allclose(out, _eigh_reference(sym, rhs, rcond), rtol=1e-8)
+
+
 @pytest.mark.parametrize("dead_scale", [0.0, 1e-5])
 def test_spd_dead_channels_fall_back_to_the_pseudo_inverse(rng, dead_scale):
     kept = rng.standard_normal((200, 40))
@@ -381,6 +397,37 @@ def test_quantizing_in_row_blocks_equals_one_pass(rng, shape):
         whole = w / scale.reshape((-1,) + (1,) * (w.ndim - 1))
         expected = np.clip(np.rint(whole) + zp.reshape((-1,) + (1,) * (w.ndim - 1)), qmin, qmax).astype(np.int8)
         np.testing.assert_array_equal(quant.quantize_per_channel(w, bits, symmetric=symmetric).q, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_symmetric_shortcuts_equal_the_general_grid(rng, dtype):
+    # The symmetric quantizer rounds straight into int8 without the zero point and the clip, and
+    # dequantizes in one pass: the same integers and values as the general formulas, at the
+    # extremes of each row (|w| = amax), on all-zero rows and on rows of one sign.
+    from udfc_onnx import quant
+
+    w = (rng.standard_normal((50, 7, 3)) * rng.uniform(1e-4, 30, (50, 1, 1))).astype(dtype)
+    w[3] = 0.0
+    w[4] = np.abs(w[4])
+    w[5, 0, 0] = -np.abs(w[5]).max() * 1.0000001
+    for bits in range(2, 9):
+        scale, zp, qmin, qmax = quant._grid(w.reshape(50, -1), bits, True)
+        shape = (-1, 1, 1)
+        expected = np.clip(np.rint(w / scale.reshape(shape)) + zp.reshape(shape), qmin, qmax).astype(np.int8)
+        qt = quant.quantize_per_channel(w, bits, symmetric=True)
+        np.testing.assert_array_equal(qt.q, expected)
+        assert np.abs(qt.q).max() == qmax
+        general = (qt.q.astype(np.float64) - qt.zero_point.reshape(shape)) * qt.scale.astype(np.float64).reshape(shape)
+        np.testing.assert_array_equal(qt.dequantize(), general)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])
+def test_median_equals_numpy_median(rng, n):
+    values = rng.standard_normal(n) ** 3
+    assert solve.median(values) == np.median(values)
+    assert solve.median(values.reshape(-1, 1)) == np.median(values)
+    with pytest.raises(ValueError):
+        solve.median(np.zeros(0))
 
 
 @pytest.mark.parametrize("shape", [(1200, 300, 3, 3), (40, 2048, 1, 1), (3, 64, 7, 7)])

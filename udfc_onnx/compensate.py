@@ -43,7 +43,7 @@ from .plan import Plan, UnitPlan
 from .quant import QuantizedTensor, gptq_quantize, quantize_per_channel
 from .resources import worker_threads
 from .solve import (apply_compensation, bn_row_scales, consumer_gram, dropped_channels, equalization_scales,
-                    filter_second_moments, mean_residual_bias, neuron_merging_coefficients, relu_mean, row_blocks,
+                    filter_second_moments, mean_residual_bias, median, neuron_merging_coefficients, relu_mean, row_blocks,
                     select_keep_greedy, solve_moment_coefficients, solve_prune_coefficients, solve_quant_scales)
 from .stats import BNStats
 from .units import ConsumerSlice, PruneUnit
@@ -984,7 +984,7 @@ def _solve_group(up: UnitPlan, arrays: dict, layers: dict[str, Layer], stats: di
             scale = _path_scale(unit, cs, arrays, index)
             if scale is not None:
                 # c_ij d_j / d_i; a kept channel that is dead in this consumer's BN cannot carry signal
-                live = np.abs(scale[keep]) > 1e-3 * np.median(np.abs(scale))
+                live = np.abs(scale[keep]) > 1e-3 * median(np.abs(scale))
                 ratio = np.where(live[:, None], scale[drop][None, :] / np.where(live, scale[keep], 1.0)[:, None], 0.0)
                 consumer_coef = coef * ratio
             if consumer_coef.size:

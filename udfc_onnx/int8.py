@@ -37,6 +37,7 @@ from .compensate import Layer
 from .graph import GraphView, attribute, remove_unused, set_initializer
 from .lazy import materialized
 from .quant import QuantizedTensor
+from .solve import median
 from .stats import BNStats
 from .validate import session
 
@@ -228,7 +229,7 @@ def _input_dist(view: GraphView, inp: onnx.ValueInfoProto, stats: dict[str, BNSt
         if not live.any():
             continue
         folded_var = (st.a[idx] ** 2) * st.var[idx]
-        scale = float(np.sqrt(np.median(folded_var[live] / norms[live])))
+        scale = float(np.sqrt(median(folded_var[live] / norms[live])))
         if not (np.all(np.isfinite(mean)) and math.isfinite(scale) and scale > 0):
             continue
         return Dist(mean, np.full(len(mean), scale), floor=float(mean.min()) - 3 * scale,

@@ -44,6 +44,7 @@ __all__ = [
     "select_keep_greedy",
     "consumer_gram",
     "row_blocks",
+    "median",
     "equalization_scales",
     "solve_quant_scales",
     "neuron_merging_coefficients",
@@ -118,10 +119,10 @@ def _solve_spd(gram: np.ndarray, rhs: np.ndarray, rcond: float = 1e-6) -> np.nda
     near-zero columns, the Gram matrix is singular to rounding, and solve() returns coefficients
     of 1e3..1e9 on them that amplify any upstream error (seen on every builder model with BN).
 
-    Fast path: when the matrix is positive definite (Cholesky succeeds) and provably far from that
-    threshold (``||A||_inf ||A^-1||_inf``, an upper bound of the 2-norm condition number, below
-    ``1 / rcond``), no direction would be ignored and the answer is ``A^-1 rhs``; only the other
-    (near-singular) systems pay for the eigendecomposition, 10-20x the cost.
+    Fast path: when the matrix is provably far from that threshold (every eigenvalue above
+    ``rcond * ||A||_inf``, shown by a Cholesky factorisation), no direction would be ignored and
+    the answer is ``A^-1 rhs``; only the other (near-singular) systems pay for the
+    eigendecomposition, 10-20x the cost.
 
     Parameters
     ----------
@@ -145,26 +146,27 @@ def _solve_spd(gram: np.ndarray, rhs: np.ndarray, rcond: float = 1e-6) -> np.nda
 
 
 def _solve_well_conditioned(sym: np.ndarray, rhs: np.ndarray, rcond: float) -> np.ndarray | None:
-    """``sym^-1 rhs`` when ``sym`` is positive definite with condition number provably below ``1/rcond``, else None."""
+    """``sym^-1 rhs`` when ``sym`` is positive definite with condition number provably below ``1/rcond``, else None.
+
+    The proof is a Cholesky factorisation of ``sym - sigma I`` with ``sigma = rcond ||sym||_inf``:
+    for a symmetric matrix the inf-norm bounds the largest eigenvalue from above, so when the
+    shifted matrix is positive definite the smallest eigenvalue exceeds ``rcond`` times the
+    largest. (It accepts every system the bound ``||A||_inf ||A^-1||_inf < 1/rcond`` accepts,
+    without the inverse: 2.7 n^3 of the 3 n^3 flops of that test.) The solution is then the
+    LU solve of ``sym`` itself.
+    """
     if sym.size == 0:
         return None
+    sigma = rcond * float(np.abs(sym).sum(axis=1).max())
+    if not math.isfinite(sigma) or sigma <= 0:
+        return None
+    shifted = sym.copy()
+    shifted[np.diag_indices_from(shifted)] -= sigma
     try:
-        factor = np.linalg.cholesky(sym)  # raises unless positive definite
+        np.linalg.cholesky(shifted)  # raises unless positive definite
+        return np.linalg.solve(sym, rhs)
     except np.linalg.LinAlgError:
         return None
-    # Quick reject (dead channels): a squared pivot bounds the smallest eigenvalue from above and
-    # a diagonal entry bounds the largest from below, so this system is near-singular for sure.
-    if float(np.diag(factor).min()) ** 2 <= rcond * float(np.diag(sym).max()):
-        return None
-    try:
-        inverse = np.linalg.inv(sym)
-    except np.linalg.LinAlgError:
-        return None
-    # For a symmetric matrix the inf-norm bounds the largest |eigenvalue| from above.
-    bound = float(np.abs(sym).sum(axis=1).max()) * float(np.abs(inverse).sum(axis=1).max())
-    if not math.isfinite(bound) or bound * rcond >= 1.0:
-        return None
-    return inverse @ rhs
 
 
 def _solve_eigh(sym: np.ndarray, rhs: np.ndarray, rcond: float) -> np.ndarray:
@@ -621,6 +623,18 @@ def row_blocks(n_rows: int, entries_per_row: int) -> list[slice]:
     """
     step = max(1, ROW_BLOCK_ENTRIES // max(entries_per_row, 1))
     return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def median(values: np.ndarray) -> float:
+    """``np.median`` of a NaN-free array, without the 10 ms import of ``numpy.ma`` that its NaN check costs.
+
+    The mean of the two middle values of the sorted array (one for an odd size), as NumPy takes it.
+    """
+    flat = np.sort(np.asarray(values).reshape(-1))
+    if not flat.size:
+        raise ValueError("median of an empty array")
+    mid = flat.size // 2
+    return float(flat[mid]) if flat.size % 2 else float((flat[mid - 1] + flat[mid]) / 2)
 
 
 def relu_mean(beta: np.ndarray, gamma: np.ndarray, relu: bool = True) -> np.ndarray:
