@@ -280,6 +280,26 @@ def test_tasks_wait_for_earlier_tasks_that_share_a_name_and_no_others():
     assert log.index("C") < log.index("A") < log.index("B") < log.index("G") < log.index("D")
 
 
+@pytest.mark.parametrize("costs, expected", [(None, ["A", "B", "C", "D"]), ([1, 1, 10, 10], ["C", "D", "A", "B"]),
+                                             ([1, 5, 2, 2], ["B", "C", "D", "A"])])
+def test_a_free_thread_takes_the_ready_task_with_the_longest_chain_behind_it(costs, expected):
+    # one thread, so the order is the scheduler's alone: C and D form a chain (they share "c")
+    from udfc_onnx.compensate import Solution, _run_in_order
+
+    log = []
+
+    def task(label):
+        def fn(part):
+            log.append(label)
+            return label
+        return fn
+
+    tasks = [(frozenset({"a"}), task("A")), (frozenset({"b"}), task("B")),
+             (frozenset({"c"}), task("C")), (frozenset({"c"}), task("D"))]
+    assert _run_in_order(tasks, Solution(), 1, [], 0, costs) == ["A", "B", "C", "D"]  # results in task order
+    assert log == expected
+
+
 def test_a_failed_task_stops_the_tasks_after_it_and_is_the_error_raised():
     from udfc_onnx.compensate import Solution, _run_in_order
     from udfc_onnx.errors import SolverError

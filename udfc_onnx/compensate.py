@@ -28,9 +28,10 @@ plain-Conv consumer by a least-squares refit of its whole kept input slice over 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -592,10 +593,12 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
         def quantized_by_a_unit(weight: str) -> bool:
             return any(weight in part.quantized for part in unit_parts)
 
+        costs = [_unit_cost(up, layers, work) for up in plan.units]
         for name, layer in layers.items():
             tasks.append((frozenset({name, layer.weight, layer.bias}),
                           lambda into, name=name: quantize_one(name, into, quantized_by_a_unit)))
-        results = _run_in_order(tasks, solution, workers, unit_parts, len(plan.units))
+            costs.append(float(work[layer.weight].size))
+        results = _run_in_order(tasks, solution, workers, unit_parts, len(plan.units), costs)
         plan.units = results[:len(plan.units)]
     else:
         # The sequential sampler fits each unit on the network as it will run: a layer is quantized as
@@ -622,6 +625,16 @@ def solve_plan(plan: Plan, arrays: dict[str, np.ndarray], layers: dict[str, Laye
     return solution
 
 
+def _unit_cost(up: UnitPlan, layers: Mapping[str, Layer], arrays: Mapping[str, np.ndarray]) -> float:
+    """Rough time of a unit's solve, in the units of a weight quantization's (one per entry): the
+    entries of its producers' and consumers' weights times its channels (the Gram matrix and the
+    compensation grow with both; ResNet-50's layer4 units take 10x layer1's)."""
+    unit = up.unit
+    names = {*unit.all_producers, *(c.node for c in unit.consumers), *(m.node for m in unit.members)}
+    return float(sum(arrays[layers[n].weight].size for n in names if n in layers and layers[n].weight in arrays)
+                 * unit.channels)
+
+
 def _footprint(up: UnitPlan, layers: Mapping[str, Layer]) -> frozenset[str] | None:
     """Names a plain unit's solve reads or writes: its layers (the ``inputs`` and index keys) and
     their weights and biases. None for a group: it may reach further, so it runs alone."""
@@ -634,7 +647,8 @@ def _footprint(up: UnitPlan, layers: Mapping[str, Layer]) -> frozenset[str] | No
 
 
 def _run_in_order(tasks: list[tuple[frozenset | None, Callable[[Solution], object]]], solution: Solution,
-                  workers: int, first_parts: list[Solution], n_first: int) -> list:
+                  workers: int, first_parts: list[Solution], n_first: int,
+                  costs: list[float] | None = None) -> list:
     """Run ``tasks`` on ``workers`` threads, each after every earlier task it shares a name with.
 
     A task is ``(footprint, fn)``: ``fn(part)`` solves or quantizes into a Solution of its own, and
@@ -646,6 +660,11 @@ def _run_in_order(tasks: list[tuple[frozenset | None, Callable[[Solution], objec
     bit for bit; the parts are merged into ``solution`` in task order. The parts of the first
     ``n_first`` tasks are also appended to ``first_parts`` as they are made (a later task may look
     at them once the tasks it waits for are done).
+
+    ``costs``: an estimate of each task's time (any unit). Of the tasks ready to run, a free thread
+    takes the one with the longest chain of costs still behind it (itself and the tasks that wait
+    for it), so that the widest layers' chains do not start last and leave one thread idle at the
+    end (ResNet-50: layer4's units, in plan order, did). Without costs: in task order.
 
     Returns the tasks' results in order; raises the first failure in task order.
     """
@@ -663,6 +682,7 @@ def _run_in_order(tasks: list[tuple[frozenset | None, Callable[[Solution], objec
             since_barrier.append(i)
             last_user.update({n: i for n in footprint})
         waits.append(before)
+    n = len(tasks)
     parts = [Solution() for _ in tasks]
     first_parts.extend(parts[:n_first])
     done: list[Future] = [Future() for _ in tasks]
@@ -671,40 +691,45 @@ def _run_in_order(tasks: list[tuple[frozenset | None, Callable[[Solution], objec
     for i, before in enumerate(waits):
         for j in before:
             dependents[j].append(i)
-    lock = threading.Lock()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="udfc-solve")
+    # Priority: the costs along the longest chain from a task to the end (dependents come later).
+    chain = [0.0] * n
+    for i in reversed(range(n)):
+        chain[i] = (costs[i] if costs else 0.0) + max((chain[k] for k in dependents[i]), default=0.0)
+    ready = [(-chain[i], i) for i in range(n) if not waits[i]]
+    heapq.heapify(ready)
+    unfinished = [n]
+    changed = threading.Condition()
 
-    def execute(i: int) -> None:
-        # A task is handed to the pool only once the tasks it waits for are done, so no worker
-        # sits blocked; one that waits for a failed task fails with that task's error, unrun.
-        failed = next((done[j].exception() for j in waits[i] if done[j].exception() is not None), None)
-        try:
-            if failed is not None:
-                raise failed
-            done[i].set_result(tasks[i][1](parts[i]))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
-            done[i].set_exception(exc)
-        for k in dependents[i]:
-            with lock:
-                pending[k] -= 1
-                ready = pending[k] == 0
-            if ready:
-                pool.submit(execute, k)
+    def work() -> None:
+        while True:
+            with changed:
+                while not ready and unfinished[0]:
+                    changed.wait()
+                if not ready:  # every task has finished
+                    return
+                i = heapq.heappop(ready)[1]
+            # One that waits for a failed task fails with that task's error, unrun.
+            failed = next((done[j].exception() for j in waits[i] if done[j].exception() is not None), None)
+            try:
+                if failed is not None:
+                    raise failed
+                done[i].set_result(tasks[i][1](parts[i]))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                done[i].set_exception(exc)
+            with changed:
+                unfinished[0] -= 1
+                for k in dependents[i]:
+                    pending[k] -= 1
+                    if not pending[k]:
+                        heapq.heappush(ready, (-chain[k], k))
+                changed.notify_all()
 
-    try:
-        for i in range(len(tasks)):
-            if not waits[i]:
-                pool.submit(execute, i)
-        results = [f.result() for f in done]  # in task order: the first failure is the one raised
-    finally:
-        for f in done:  # every task ends (run, or failed with what it waited for) before the pool goes
-            f.exception()
-        pool.shutdown(wait=True)
-        # ``execute`` submits itself, so it holds its own closure cell: a reference cycle through
-        # every task, part and future (ResNet-50: 80-100 MB of weights) that only the cyclic garbage
-        # collector would free, at a time that depends on unrelated allocations. Clearing the cell
-        # lets reference counting free them as soon as the caller drops them.
-        execute = None
+    threads = [threading.Thread(target=work, name=f"udfc-solve_{t}", daemon=True) for t in range(max(1, workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:  # every task ends (run, or failed with what it waited for) before this returns
+        thread.join()
+    results = [f.result() for f in done]  # in task order: the first failure is the one raised
     for part in parts:
         solution.quantized.update(part.quantized)
         solution.units.extend(part.units)
