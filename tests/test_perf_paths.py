@@ -599,3 +599,32 @@ def test_the_threaded_solve_leaves_no_reference_cycle_behind(monkeypatch):
         gc.garbage.clear()
         gc.enable()
     assert not ours, ours
+
+
+def test_the_size_bound_that_skips_encoding_is_never_below_the_size(tmp_path):
+    # The write decides "external data or not" from this bound when it is below the threshold:
+    # it must hold for raw data, typed fields (negative int64 varints take 10 bytes), floats in
+    # float_data and lazy tensors read from a file.
+    from onnx import TensorProto, helper, numpy_helper
+
+    from udfc_onnx import pipeline
+    from udfc_onnx.load import read_lazy
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 32, 3, 3)).astype(np.float32), "raw"),
+             helper.make_tensor("ints", TensorProto.INT64, [300], (-rng.integers(1, 2**40, 300)).tolist()),
+             helper.make_tensor("floats", TensorProto.FLOAT, [50], rng.standard_normal(50).tolist()),
+             numpy_helper.from_array(rng.integers(-127, 127, (500,)).astype(np.int8), "int8")]
+    inits[0].doc_string = "x" * 1000
+    node = helper.make_node("Identity", ["raw"], ["y"], name="n")
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph)
+    exact = pipeline._serialized_size(model)
+    assert exact <= pipeline._serialized_size_bound(model) <= 2 * exact
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    lazy = read_lazy(path)
+    assert any(pipeline.is_lazy(t) for t in lazy.graph.initializer)
+    assert pipeline._serialized_size(lazy) <= pipeline._serialized_size_bound(lazy)
+    strings = helper.make_model(helper.make_graph([], "s", [], [], [helper.make_tensor("s", TensorProto.STRING, [1], [b"a"])]))
+    assert pipeline._serialized_size_bound(strings) is None
