@@ -628,3 +628,17 @@ def test_the_size_bound_that_skips_encoding_is_never_below_the_size(tmp_path):
     assert pipeline._serialized_size(lazy) <= pipeline._serialized_size_bound(lazy)
     strings = helper.make_model(helper.make_graph([], "s", [], [], [helper.make_tensor("s", TensorProto.STRING, [1], [b"a"])]))
     assert pipeline._serialized_size_bound(strings) is None
+
+
+@pytest.mark.parametrize("values", [np.float32(0.25), np.arange(24, dtype=np.int8).reshape(2, 3, 4) - 12,
+                                    np.arange(24, dtype=np.int8).reshape(4, 6).T, np.array([7], np.uint8),
+                                    np.arange(5, dtype=np.int32) - 2, np.zeros((0, 3), np.float32),
+                                    np.arange(6, dtype=np.int64)])
+def test_initializers_made_in_place_equal_numpy_helpers(values):
+    from onnx import helper, numpy_helper
+
+    from udfc_onnx.int8 import _add_initializer
+
+    graph = helper.make_graph([], "g", [], [])
+    _add_initializer(graph, "t", np.asarray(values))
+    assert graph.initializer[0].SerializeToString() == numpy_helper.from_array(np.asarray(values), "t").SerializeToString()
