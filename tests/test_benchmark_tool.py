@@ -48,6 +48,8 @@ def test_runs_take_turns_and_the_median_run_is_reported(tmp_path):
     b = benchmark.median_of(runs["b"])
     assert b["elapsed_s"] == 2 and b["peak_mb"] > 115  # the second run's time, the third run's peak
     assert benchmark.median_ratio(runs["b"], runs["a"]) == 2
+    assert benchmark.ratio_cell(runs["b"], runs["a"]) == "2.00 (1.00-3.00)"
+    assert benchmark.ratio_cell(runs["b"][:1], runs["a"][:1]) == "3.00"  # one turn: no range
     # each run finds its output of the turn before gone
     out = tmp_path / "out.bin"
     writes = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); existed = p.exists(); p.write_bytes(b'x'); "

@@ -117,9 +117,22 @@ def median_of(runs: list[dict]) -> dict:
     return dict(ordered[len(ordered) // 2], peak_mb=max(r["peak_mb"] for r in runs))
 
 
+def turn_ratios(runs: list[dict], base: list[dict]) -> list[float]:
+    """``elapsed / base elapsed`` of each turn (each ratio from runs made one after the other)."""
+    return [r["elapsed_s"] / b["elapsed_s"] for r, b in zip(runs, base)]
+
+
 def median_ratio(runs: list[dict], base: list[dict]) -> float:
-    """Median over the turns of ``elapsed / base elapsed`` (each ratio from runs made one after the other)."""
-    return statistics.median(r["elapsed_s"] / b["elapsed_s"] for r, b in zip(runs, base))
+    """Median over the turns of ``elapsed / base elapsed``."""
+    return statistics.median(turn_ratios(runs, base))
+
+
+def ratio_cell(runs: list[dict], base: list[dict]) -> str:
+    """The median ratio and, over two or more turns, the range of the per-turn ratios: on a shared
+    machine the range shows how far the load moved the ratio within one run of the benchmark."""
+    ratios = turn_ratios(runs, base)
+    spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}{spread}"
 
 
 def warm(path: Path) -> None:
@@ -279,7 +292,7 @@ def main(argv=None) -> int:
             fusion = report.get("fusion") or {}
             fused = f"{fusion.get('fused_convs', 0)}/{fusion.get('convs', 0)}" if fusion else "n/a"
             above = run["peak_mb"] - imports_mb["compressor"]
-            cost_rows.append((name, setting, f"{report['elapsed_s']:.2f}", f"{median_ratio(runs[setting], runs['load+save']):.2f}",
+            cost_rows.append((name, setting, f"{report['elapsed_s']:.2f}", ratio_cell(runs[setting], runs["load+save"]),
                               f"{run['wall_s']:.2f}", f"{run['peak_mb']:.0f}", f"{run['peak_mb'] / size_mb:.2f}",
                               f"{above:.0f}", f"{above / size_mb:.2f}"))
             peaks = report.get("peak_rss_mb") or {}
@@ -307,7 +320,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    print("\n| model | run | in-process s | x load+save | subprocess wall s | peak RSS MB | peak / file size "
+    print("\n| model | run | in-process s | x load+save (median; range of the per-turn ratios) | subprocess wall s "
+          "| peak RSS MB | peak / file size "
           "| peak above imports MB | above imports / file size |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in cost_rows:
