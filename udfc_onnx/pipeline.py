@@ -392,11 +392,20 @@ def _serialized_size(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() + lazy_bytes(t) for t in g.initializer) + sum(n.ByteSize() for n in g.node) + 4096
 
 
+# Bytes per element of the raw data of the tensor types a weight may have.
+_ITEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+               onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+               onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
+               onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+               onnx.TensorProto.BOOL: 1}
+
+
 def _serialized_size_bound(model: onnx.ModelProto) -> int | None:
     """An upper bound of :func:`_serialized_size` that encodes no tensor (None with a string tensor).
 
-    A tensor's data takes its item size per element as raw or lazy data, at most 10 bytes per
-    element in the typed fields (a varint); its name, dims and other fields are given a margin.
+    A tensor's data takes its item size per element as raw or lazy data, at most 16 bytes per
+    element otherwise (a varint takes up to 10, a complex128 16); its name, dims and other fields
+    are given a margin.
     """
     bound = 4096 + sum(n.ByteSize() for n in model.graph.node)
     for t in model.graph.initializer:
@@ -408,7 +417,7 @@ def _serialized_size_bound(model: onnx.ModelProto) -> int | None:
         elif t.HasField("raw_data") and t.data_type in _ITEM_BYTES:
             data = count * _ITEM_BYTES[t.data_type]
         else:
-            data = 10 * count
+            data = 16 * count
         bound += data + 256 + len(t.name) + len(t.doc_string) + 11 * len(t.dims) + sum(
             len(e.key) + len(e.value) + 16 for e in t.external_data)
     return bound
@@ -422,14 +431,6 @@ def _needs_external_data(model: onnx.ModelProto) -> bool:
     """
     bound = _serialized_size_bound(model)
     return (bound is None or bound > EXTERNAL_DATA_THRESHOLD) and _serialized_size(model) > EXTERNAL_DATA_THRESHOLD
-
-
-# Bytes per element of the raw data of the tensor types a weight may have.
-_ITEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
-               onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
-               onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
-               onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
-               onnx.TensorProto.BOOL: 1}
 
 
 def staging_glob(out_path: Path) -> str:
