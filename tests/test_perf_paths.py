@@ -642,3 +642,17 @@ def test_initializers_made_in_place_equal_numpy_helpers(values):
     graph = helper.make_graph([], "g", [], [])
     _add_initializer(graph, "t", np.asarray(values))
     assert graph.initializer[0].SerializeToString() == numpy_helper.from_array(np.asarray(values), "t").SerializeToString()
+
+
+def test_freed_memory_is_kept_for_reuse_until_the_sampler_narrows_it():
+    # A process setting (the command line's): checked in a process of its own.
+    import ctypes.util
+    import subprocess
+    import sys
+
+    code = ("from udfc_onnx.resources import narrow_heap_blocks, reuse_freed_memory as r; "
+            "before = narrow_heap_blocks(); print(before, r(), narrow_heap_blocks(), narrow_heap_blocks())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c") is not None
+    # nothing to narrow before the setting; then set, narrowed once, and not again
+    assert out == ["False", str(glibc), str(glibc), "False"]

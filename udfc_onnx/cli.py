@@ -32,7 +32,7 @@ from pathlib import Path
 from . import __version__
 from .config import PRESETS, CompressConfig
 from .errors import InvalidConfigError, UdfcError, ValidationError, first_line
-from .resources import no_numpy_hugepages, share_one_malloc_arena
+from .resources import no_numpy_hugepages, reuse_freed_memory, share_one_malloc_arena
 
 __all__ = ["main", "config_from_args", "file_options_from_args", "OptionGroup", "METHOD_GROUPS"]
 
@@ -611,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_onnxruntime()
     share_one_malloc_arena()  # the solve's threads reuse what the main thread frees (see its docstring)
+    reuse_freed_memory()  # weight-sized blocks reuse freed heap memory, not new pages (see its docstring)
     no_numpy_hugepages()  # no memory compaction on page faults (see its docstring)
     command = COMMANDS.get(argv[0]) if argv and not os.path.exists(argv[0]) else None
     try:

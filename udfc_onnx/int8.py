@@ -37,6 +37,7 @@ from .compensate import Layer
 from .graph import GraphView, attribute, remove_unused, set_initializer
 from .lazy import materialized
 from .quant import QuantizedTensor
+from .resources import narrow_heap_blocks
 from .solve import median
 from .stats import BNStats
 from .validate import session
@@ -358,6 +359,7 @@ def calibrate_ranges(model: onnx.ModelProto, inputs: np.ndarray, tensors: Iterab
     """
     import onnxruntime as ort
 
+    narrow_heap_blocks()  # activation batches, as in the synthetic sampler
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for name, value in (arrays or {}).items():

@@ -41,6 +41,7 @@ from onnx import helper, numpy_helper
 from .distill import Priors, distill_inputs, noise_inputs
 from .graph import GraphView, attribute, copy_model
 from .patches import MAX_ROWS, ConvGeometry, PatchMoments, output_positions, patch_moments
+from .resources import narrow_heap_blocks
 from .stats import BNStats
 
 __all__ = ["ActivationMoments", "PairedMoments", "SequentialSampler", "bn_matched_model", "model_cost", "model_macs",
@@ -349,6 +350,7 @@ def synthetic_moments(folded: onnx.ModelProto, stats: Mapping[str, BNStats], pla
                          f"{ELEMENT_BUDGET / 1e6:g} M elements); analytic moments used")
         return None
     units = [up.unit for up in plan.units] if pruned else []  # quantization only: layer inputs, no unit moments
+    narrow_heap_blocks()  # its activation batches and sessions fragment a heap that keeps large blocks
     folded = with_values(folded, weights or {})
     inputs = _synthetic_inputs(folded, stats, samples, config, notes)
     renormalise = config.synthetic_renorm
