@@ -656,3 +656,17 @@ def test_freed_memory_is_kept_for_reuse_until_the_sampler_narrows_it():
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c") is not None
     # nothing to narrow before the setting; then set, narrowed once, and not again
     assert out == ["False", str(glibc), str(glibc), "False"]
+
+
+def test_freed_memory_is_trimmed_except_while_it_is_kept_for_reuse(monkeypatch):
+    from udfc_onnx import resources
+
+    trims = []
+    monkeypatch.setattr(resources, "_libc_function", lambda name, *a: (lambda *args: trims.append(name)))
+    monkeypatch.setattr(resources, "_heap_blocks", [])
+    resources.release_memory()  # glibc's defaults: trimmed
+    monkeypatch.setattr(resources, "_heap_blocks", [resources.HEAP_BLOCK_BYTES])
+    resources.release_memory()  # the command line's reuse: kept
+    monkeypatch.setattr(resources, "_heap_blocks", [resources.SAMPLER_HEAP_BLOCK_BYTES])
+    resources.release_memory()  # narrowed for the sampler: trimmed again
+    assert trims == ["malloc_trim", "malloc_trim"]
