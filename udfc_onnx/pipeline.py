@@ -252,9 +252,7 @@ def _compress_model(box: list, config: CompressConfig, *, overrides: OverrideRul
     del current, to_write  # everything is in the model now
     # Weights no pass changed may still be in the input file (udfc_onnx.lazy): the result holds all.
     materialize(rewritten)
-    # Trimmed even where freed blocks are kept for reuse: the checks' ORT sessions come next and
-    # would stack on them (ResNet-50-size w8a8: peak 262-273 MB instead of 273-281 MB, in the checks).
-    release_memory(force=True)
+    release_memory()
     clock.lap("rewrite + QDQ")
     set_metadata(rewritten, {"udfc_onnx.version": __version__, "udfc_onnx.config": json.dumps(config.to_dict()),
                              "udfc_onnx.overrides": json.dumps(overrides.to_dict() if overrides else {})})

@@ -132,16 +132,16 @@ HEAP_TRIM_BYTES = 256 << 20
 _heap_blocks: list[int] = []  # the block limit reuse_freed_memory set, if it did
 
 
-def release_memory(force: bool = False) -> None:
+def release_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``).
 
     Not while the command line keeps freed blocks for reuse (:func:`reuse_freed_memory`, until the
-    sampler narrows it), unless ``force``: the next pass then takes them instead of new pages, and
-    the peak stays the solve's (ResNet-50-size p30-w8a8: 83k page faults down to 56k, the same peak).
+    sampler narrows it): the next pass then takes them instead of new pages, and the peak stays
+    the solve's (ResNet-50-size p30-w8a8: 83k page faults down to 56k, the same peak).
     No garbage collection: the large arrays and sessions are freed by reference counting, and a
     full collection costs 15-50 ms.
     """
-    if _heap_blocks == [HEAP_BLOCK_BYTES] and not force:
+    if _heap_blocks == [HEAP_BLOCK_BYTES]:
         return
     trim = _libc_function("malloc_trim", ctypes.c_int, [ctypes.c_size_t])
     if trim is not None:
