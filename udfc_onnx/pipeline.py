@@ -392,14 +392,6 @@ def _serialized_size(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() + lazy_bytes(t) for t in g.initializer) + sum(n.ByteSize() for n in g.node) + 4096
 
 
-# Bytes per element of the raw data of the tensor types a weight may have.
-_ITEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
-               onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
-               onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
-               onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
-               onnx.TensorProto.BOOL: 1}
-
-
 def _serialized_size_bound(model: onnx.ModelProto) -> int | None:
     """An upper bound of :func:`_serialized_size` that encodes no tensor (None with a string tensor).
 
@@ -414,8 +406,11 @@ def _serialized_size_bound(model: onnx.ModelProto) -> int | None:
         count = math.prod(t.dims)
         if is_lazy(t):
             data = lazy_bytes(t)
-        elif t.HasField("raw_data") and t.data_type in _ITEM_BYTES:
-            data = count * _ITEM_BYTES[t.data_type]
+        elif t.HasField("raw_data"):
+            try:  # (a packed INT4 counts a byte per element: still a bound)
+                data = count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            except Exception:  # a type NumPy does not know
+                data = 16 * count
         else:
             data = 16 * count
         bound += data + 256 + len(t.name) + len(t.doc_string) + 11 * len(t.dims) + sum(
@@ -585,11 +580,10 @@ def compress_file(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     result = compress_model(box.pop(), config, overrides=options.overrides, inplace=True, weights_read=weights_read)
     del weights_read
     # The float value of every changed initializer (ResNet-50: 50 MB) is in the model now; nothing
-    # below reads the copies, and the checks' ORT sessions stack on what is still held here. What
-    # they free is not trimmed: where the command line keeps freed blocks for reuse
-    # (resources.reuse_freed_memory) those sessions take it instead of new pages (ResNet-50-size
-    # p30-w8a8 and w8a8: 10-15k page faults fewer, the same peak, set by the solve).
+    # below reads the copies, and the checks' ORT sessions stack on what is still held here. (Where
+    # the command line keeps freed blocks for reuse, release_memory leaves them to those sessions.)
     result.solution.arrays = {}
+    release_memory()
     timings = {**clock.laps, **result.timings}
     peaks = {**clock.peaks, **result.peak_rss_mb}
     clock = _Clock()

@@ -132,6 +132,12 @@ HEAP_TRIM_BYTES = 256 << 20
 _heap_blocks: list[int] = []  # the block limit reuse_freed_memory set, if it did
 
 
+def _mallopt(param: int, value: int) -> bool:
+    """glibc ``mallopt(param, value)``; False where it failed or there is no glibc."""
+    mallopt = _libc_function("mallopt", ctypes.c_int, [ctypes.c_int, ctypes.c_int])
+    return mallopt is not None and bool(mallopt(param, value))
+
+
 def release_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``).
 
@@ -158,26 +164,23 @@ def share_one_malloc_arena() -> bool:
     first time a thread needs one, so this is a setting for the whole process, taken once by the
     command line at its start; code that imports the package keeps its own malloc settings.
     """
-    mallopt = _libc_function("mallopt", ctypes.c_int, [ctypes.c_int, ctypes.c_int])
-    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, 1))
+    return _mallopt(_M_ARENA_MAX, 1)
 
 
 def reuse_freed_memory() -> bool:
-    """Serve blocks up to 32 MB from the heap, and keep freed heap memory until :func:`release_memory`; False without glibc.
+    """Serve blocks up to 32 MB from the heap, and keep freed heap memory for reuse; False without glibc.
 
     The weights read at the load and the solve's weight-sized arrays (1-20 MB, by the hundred)
     were each a mapping of its own under glibc's default (above its moving threshold), unmapped
     when freed, and the heap's top was trimmed as soon as a little was free there: every new block
     of that size was new pages, zero-filled by the kernel on first touch. With blocks up to 32 MB
-    on the heap and no automatic trim below 256 MB, freed blocks are reused; :func:`release_memory`
-    still gives everything free back at the points where the passes drop large structures.
+    on the heap and no automatic trim below 256 MB, freed blocks are reused, and
+    :func:`release_memory` leaves them on the heap for the next pass.
     ResNet-50-size p30-w8a8, alternating with the default (``tools/ab_time.py``): 4-6 % less time
     at a 3-5 MB higher peak. The synthetic sampler lowers the limit (:func:`narrow_heap_blocks`).
     A setting of the whole process, taken by the command line.
     """
-    mallopt = _libc_function("mallopt", ctypes.c_int, [ctypes.c_int, ctypes.c_int])
-    made = (mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES))
-            and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_BYTES)))
+    made = _mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES) and _mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_BYTES)
     if made:
         _heap_blocks[:] = [HEAP_BLOCK_BYTES]
     return made
@@ -192,8 +195,7 @@ def narrow_heap_blocks() -> bool:
     """
     if not _heap_blocks or _heap_blocks[0] <= SAMPLER_HEAP_BLOCK_BYTES:
         return False
-    mallopt = _libc_function("mallopt", ctypes.c_int, [ctypes.c_int, ctypes.c_int])
-    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, SAMPLER_HEAP_BLOCK_BYTES):
+    if not _mallopt(_M_MMAP_THRESHOLD, SAMPLER_HEAP_BLOCK_BYTES):
         return False
     _heap_blocks[:] = [SAMPLER_HEAP_BLOCK_BYTES]
     return True
